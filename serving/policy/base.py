@@ -72,6 +72,10 @@ class Policy(abc.ABC):
     #: Model name and version reported to robots (Describe, every response).
     name: str = "policy"
     version: str = "0"
+    #: True when ``infer`` holds the CPU/accelerator for a while: the engine then runs
+    #: it on a worker thread so the event loop keeps admitting requests meanwhile.
+    #: Trivial policies (the no-op benchmark policy) set False and run inline.
+    compute_bound: bool = True
 
     @property
     @abc.abstractmethod

@@ -1,0 +1,71 @@
+"""Builds the Superbrain Ray Serve application.
+
+Deploy it the way Ray Serve deploys anything, by import path::
+
+    serve run serving.app:build_app grpc_port=9000 policy=default
+    serve deploy deploy/serve_config.yaml      # or KubeRay's serveConfigV2
+
+``superbrain serve`` calls the same builder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import AutoscalingPolicy
+
+from serving.config import ServingConfig, load_config
+from serving.deployment import PolicyReplica
+
+
+def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
+    """Ray Serve options for the replica deployment, from the one config object."""
+    actor_options: dict[str, Any] = {"num_cpus": cfg.replica_num_cpus}
+    if cfg.replica_num_gpus:
+        actor_options["num_gpus"] = cfg.replica_num_gpus
+    options: dict[str, Any] = {
+        "ray_actor_options": actor_options,
+        # Requests reach replicas over their own gRPC port, not Serve handles;
+        # this only has to admit a full batch so @serve.batch can fill it.
+        "max_ongoing_requests": max(cfg.max_queued_requests, cfg.max_batch_size),
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "graceful_shutdown_timeout_s": cfg.grace_period_s + 5.0,
+        "health_check_period_s": 5.0,
+    }
+    if cfg.autoscaling is not None:
+        a = cfg.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+            "policy": AutoscalingPolicy(
+                policy_function="serving.app:inflight_autoscaling_policy",
+                policy_kwargs={"target": a.target_inflight_per_replica},
+            ),
+        }
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return options
+
+
+def inflight_autoscaling_policy(ctx: Any, target: float = 64.0) -> tuple[int, dict[str, Any]]:
+    """Replicas needed so that each holds about ``target`` requests in flight.
+
+    Replicas report ``inflight`` through ``record_autoscaling_stats`` because
+    robots' calls bypass Serve handles, whose request counts Serve would
+    otherwise use.
+    """
+    metrics = (ctx.aggregated_metrics or {}).get("inflight", {})
+    total = float(sum(metrics.values())) if isinstance(metrics, dict) else float(metrics or 0.0)
+    desired = math.ceil(total / target) if total > 0 else ctx.capacity_adjusted_min_replicas
+    desired = max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, desired))
+    return desired, {}
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve application builder: ``args`` are ServingConfig fields (env fills the rest)."""
+    cfg = load_config(overrides=args or {})
+    return PolicyReplica.options(**deployment_options(cfg)).bind(cfg.model_dump())

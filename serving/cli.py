@@ -1,0 +1,185 @@
+"""``superbrain``: serve, call, describe and benchmark from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from serving.config import ServingConfig, load_config
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "host": args.host,
+        "grpc_port": args.grpc_port,
+        "policy": args.policy,
+        "model_dir": args.model,
+        "num_replicas": args.num_replicas,
+        "max_batch_size": args.max_batch_size,
+        "ray_address": args.ray_address,
+        "device": args.device,
+    }
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving import launcher
+
+    cfg = load_config(args.config, _serve_overrides(args))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    print(f"starting Ray and the Superbrain app ({cfg.policy} policy, {cfg.num_replicas} replica(s))...", flush=True)
+    started = time.monotonic()
+    launcher.ensure_ray(cfg.ray_address)
+    try:
+        launcher.deploy(cfg)
+        _print_ready(cfg, time.monotonic() - started)
+        while not stop.wait(0.5):
+            pass
+        print("\nshutting down: draining in-flight requests...", flush=True)
+        launcher.undeploy(cfg)
+    finally:
+        launcher.shutdown()
+    print("stopped.", flush=True)
+    return 0
+
+
+def _print_ready(cfg: ServingConfig, elapsed_s: float) -> None:
+    from serving.client import RobotClient
+
+    with RobotClient(cfg.address) as robot:
+        info = robot.describe()
+    print(f"\nSuperbrain is listening on grpc://{cfg.address} (ready in {elapsed_s:.1f}s)")
+    for model in info.models:
+        print(f"  model {model.name} {model.version}")
+        for e in model.embodiments:
+            cams = ", ".join(c.name for c in e.cameras)
+            print(
+                f"    {e.name:<16} state {e.state_dim:>2}  action {e.action_dim:>2}  "
+                f"chunk {e.chunk_length:>2} @ {e.control_rate_hz:g} Hz  cameras: {cams}"
+            )
+    print(
+        "\nCall it:\n"
+        f"  superbrain act --target {cfg.address} --embodiment franka_arm --instruction 'pick up the red cup'\n"
+        "  python -c \"from serving.client import RobotClient; "
+        f"print(RobotClient('{cfg.address}').describe())\"\n"
+        f"  grpcurl -plaintext {cfg.address} list          # reflection is on\n"
+        "Stop with Ctrl-C.",
+        flush=True,
+    )
+
+
+def cmd_act(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from serving.client import RobotClient
+
+    rng = np.random.default_rng(args.seed)
+    with RobotClient(args.target, timeout=args.timeout) as robot:
+        info = robot.describe()
+        specs = {e.name: e for m in info.models for e in m.embodiments}
+        if args.embodiment not in specs:
+            print(f"unknown embodiment {args.embodiment!r}; served: {sorted(specs)}", file=sys.stderr)
+            return 2
+        spec = specs[args.embodiment]
+        images = {c.name: rng.integers(0, 256, (c.height, c.width, 3), dtype=np.uint8) for c in spec.cameras}
+        state = rng.normal(size=spec.state_dim).astype(np.float32)
+        chunk = robot.act(
+            images=images,
+            state=state,
+            instruction=args.instruction,
+            embodiment=spec.name,
+            image_format=args.image_format,
+        )
+    if args.json:
+        print(json.dumps({"model": chunk.model, "version": chunk.model_version, "actions": chunk.actions.tolist()}))
+    else:
+        np.set_printoptions(precision=3, suppress=True, linewidth=150)
+        print(f"{chunk.model} {chunk.model_version} -> {spec.name} chunk {chunk.actions.shape}")
+        print(chunk.actions)
+        t = chunk.timing
+        print(
+            f"round trip {chunk.latency_ms:.1f} ms; server: queue {t.queue_ms:.1f} ms, compute {t.compute_ms:.1f} ms, "
+            f"batch {t.batch_size}"
+        )
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from serving.client import RobotClient
+
+    with RobotClient(args.target) as robot:
+        print(robot.describe())
+    return 0
+
+
+def cmd_export_default(args: argparse.Namespace) -> int:
+    from serving.models.checkpoint import write_default_checkpoint
+
+    write_default_checkpoint(args.out, seed=args.seed)
+    print(f"wrote the default checkpoint to {args.out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from serving.bench.runner import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="superbrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start a local Ray cluster and the Superbrain app")
+    serve.add_argument("--config", help="YAML file with ServingConfig fields (env: SUPERBRAIN_CONFIG)")
+    serve.add_argument("--host", help="bind address (env SUPERBRAIN_HOST, default 127.0.0.1)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (env SUPERBRAIN_GRPC_PORT, default 9000)")
+    serve.add_argument("--policy", help="'default', 'noop' or 'module:Class'")
+    serve.add_argument("--model", help="checkpoint directory (safetensors + config.json)")
+    serve.add_argument("--num-replicas", type=int)
+    serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--device", help="torch device for the policy (default cpu)")
+    serve.add_argument("--ray-address", help="join an existing Ray cluster (e.g. 'auto')")
+    serve.set_defaults(func=cmd_serve)
+
+    act = sub.add_parser("act", help="send one observation (random frames and state) and print the chunk")
+    act.add_argument("--target", default="127.0.0.1:9000")
+    act.add_argument("--embodiment", default="franka_arm")
+    act.add_argument("--instruction", default="pick up the red cup")
+    act.add_argument("--image-format", choices=["raw", "jpeg", "png"], default="raw")
+    act.add_argument("--timeout", type=float, default=5.0)
+    act.add_argument("--seed", type=int, default=0)
+    act.add_argument("--json", action="store_true")
+    act.set_defaults(func=cmd_act)
+
+    describe = sub.add_parser("describe", help="list models and embodiments")
+    describe.add_argument("--target", default="127.0.0.1:9000")
+    describe.set_defaults(func=cmd_describe)
+
+    export = sub.add_parser("export-default", help="write the default model as a checkpoint directory")
+    export.add_argument("--out", required=True)
+    export.add_argument("--seed", type=int, default=0)
+    export.set_defaults(func=cmd_export_default)
+
+    bench = sub.add_parser("bench", help="benchmark against the gRPC limit and Ray Serve's proxy")
+    from serving.bench.runner import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""One configuration object for the whole app: defaults <- YAML file <- SUPERBRAIN_* env <- flags.
+
+The same ``ServingConfig`` is what ``serving.app:build_app`` receives as Serve
+``args`` (from a Serve config file, KubeRay's serveConfigV2 or ``superbrain
+serve``), so every path to a running cluster reads the same fields.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_PREFIX = "SUPERBRAIN_"
+
+
+class AutoscalingSettings(BaseModel):
+    """Replica autoscaling, driven by each replica's requests in flight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    # Requests in flight (queued + computing) per replica that we aim for.
+    target_inflight_per_replica: float = Field(64.0, gt=0)
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+
+
+class ServingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Where robots connect. Every replica binds this address (SO_REUSEPORT),
+    # so replicas on one node share the port and the kernel spreads connections.
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(9000, ge=0, le=65535)
+
+    # What to serve: "default" (the embedded VLA), "noop" (overhead benchmark) or
+    # "module:Class" (a partner's Policy subclass); model_dir is a checkpoint.
+    policy: str = "default"
+    model_dir: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    torch_threads: int | None = None
+
+    # Batching across robots (Ray Serve's @serve.batch).
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_ms: float = Field(2.0, ge=0)
+    # Admission bound per replica: past it callers get a fast RESOURCE_EXHAUSTED.
+    max_queued_requests: int = Field(256, ge=1)
+    # Largest request message accepted (camera frames included).
+    max_message_mb: float = Field(16.0, gt=0)
+    # Used when a caller sets no deadline.
+    default_timeout_s: float = Field(10.0, gt=0)
+
+    # Replicas and their resources.
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSettings | None = None
+    replica_num_cpus: float = Field(1.0, ge=0)
+    replica_num_gpus: float = Field(0.0, ge=0)
+    # On shutdown, in-flight requests get this long to finish.
+    grace_period_s: float = Field(5.0, ge=0)
+
+    # Ray cluster to join ("auto", "ray://..."); None starts a local one.
+    ray_address: str | None = None
+    app_name: str = "superbrain"
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_form(cls, v: str) -> str:
+        if v not in ("default", "noop") and ":" not in v:
+            raise ValueError("policy must be 'default', 'noop' or 'module:Class'")
+        return v
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """SUPERBRAIN_<FIELD> for every top-level scalar field (e.g. SUPERBRAIN_GRPC_PORT)."""
+    out: dict[str, Any] = {}
+    for name, field in ServingConfig.model_fields.items():
+        if name == "autoscaling":
+            continue
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            out[name] = value
+        elif value == "" and field.default is None:
+            out[name] = None
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServingConfig:
+    """Merge defaults, a YAML file, SUPERBRAIN_* env and explicit overrides (flags), in that order."""
+    data: dict[str, Any] = {}
+    path = path or (environ if environ is not None else os.environ).get(ENV_PREFIX + "CONFIG")
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        data.update(loaded)
+    data.update(_env_overrides(environ if environ is not None else os.environ))
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return ServingConfig.model_validate(data)

@@ -1,0 +1,185 @@
+"""Runs batches through a Policy: deadlines, error isolation, timing (no Ray).
+
+The Ray deployment wraps ``PolicyEngine.run_batch`` in ``@serve.batch``; tests
+and tools wrap it in ``LocalBatcher``. Either way a batch is a list of
+``Pending`` requests that were already validated by the codec, and the result is
+one ``Outcome`` per request, in order, so every chunk returns to the robot that
+asked for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from serving.errors import RequestError, deadline_exceeded
+from serving.policy.base import Policy, PolicyObservation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Pending:
+    """A validated request waiting for a batch. Times are ``time.monotonic()``."""
+
+    observation: PolicyObservation
+    deadline: float
+    received: float = field(default_factory=time.monotonic)
+    # Set when the caller has gone (cancelled, or its RPC ended): never compute for it.
+    cancelled: bool = False
+
+
+@dataclass
+class Outcome:
+    actions: np.ndarray | None = None
+    error: RequestError | None = None
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_size: int = 0
+
+
+Submit = Callable[[Pending], Awaitable[Outcome]]
+
+
+class PolicyEngine:
+    """Turns a list of pending requests into outcomes with one policy call.
+
+    Requests whose caller is gone or whose deadline has passed are left out of the
+    batch. If the policy raises on a batch, each request is retried alone so that
+    one poisonous observation fails only itself.
+    """
+
+    def __init__(self, policy: Policy, *, offload: bool | None = None):
+        self.policy = policy
+        # Compute-bound policies run on one dedicated thread so the event loop keeps
+        # accepting requests (and forming the next batch) while a forward pass runs.
+        self._offload = getattr(policy, "compute_bound", True) if offload is None else offload
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy") if self._offload else None
+        )
+
+    async def run_batch(self, items: list[Pending]) -> list[Outcome]:
+        start = time.monotonic()
+        outcomes: list[Outcome] = [Outcome() for _ in items]
+        live: list[int] = []
+        for i, item in enumerate(items):
+            outcomes[i].queue_ms = (start - item.received) * 1e3
+            if item.cancelled or item.deadline <= start:
+                outcomes[i].error = deadline_exceeded()
+            else:
+                live.append(i)
+        if not live:
+            return outcomes
+
+        observations = [items[i].observation for i in live]
+        if self._executor is not None:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._executor, self._infer_isolated, observations)
+        else:
+            results = self._infer_isolated(observations)
+        compute_ms = (time.monotonic() - start) * 1e3
+        for i, result in zip(live, results, strict=True):
+            out = outcomes[i]
+            out.compute_ms, out.batch_size = compute_ms, len(live)
+            if isinstance(result, RequestError):
+                out.error = result
+            else:
+                out.actions = result
+        return outcomes
+
+    def _infer_isolated(self, observations: list[PolicyObservation]) -> list[np.ndarray | RequestError]:
+        try:
+            return self._checked(observations, self.policy.infer(observations))
+        except Exception:
+            if len(observations) == 1:
+                log.exception("policy failed on embodiment %s", observations[0].embodiment)
+                return [RequestError(grpc.StatusCode.INTERNAL, "the policy failed on this observation")]
+            log.warning("policy failed on a batch of %d; retrying one by one", len(observations))
+            return [self._infer_isolated([obs])[0] for obs in observations]
+
+    def _checked(
+        self, observations: list[PolicyObservation], results: list[np.ndarray]
+    ) -> list[np.ndarray | RequestError]:
+        if len(results) != len(observations):
+            raise RuntimeError(f"policy returned {len(results)} chunks for {len(observations)} observations")
+        specs = self.policy.embodiments
+        checked: list[np.ndarray | RequestError] = []
+        for obs, actions in zip(observations, results, strict=True):
+            spec = specs[obs.embodiment]
+            actions = np.asarray(actions, dtype=np.float32)
+            if actions.shape != (spec.chunk_length, spec.action_dim) or not np.isfinite(actions).all():
+                raise RuntimeError(
+                    f"policy returned a bad chunk {actions.shape} for {spec.name} "
+                    f"(expected ({spec.chunk_length}, {spec.action_dim}), finite)"
+                )
+            checked.append(actions)
+        return checked
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+class LocalBatcher:
+    """A minimal in-process batcher with @serve.batch's semantics, for use without Ray.
+
+    Collects up to ``max_batch_size`` requests, waiting at most ``wait_s`` after
+    the first one, and runs one batch at a time.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Pending]], Awaitable[list[Outcome]]],
+        max_batch_size: int,
+        wait_s: float,
+    ):
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self._queue: asyncio.Queue[tuple[Pending, asyncio.Future[Outcome]]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: Pending) -> Outcome:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch_size:
+                if self._queue.empty():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    batch.append(self._queue.get_nowait())
+            try:
+                outcomes = await self._run_batch([item for item, _ in batch])
+                for (_, fut), outcome in zip(batch, outcomes, strict=True):
+                    if not fut.done():
+                        fut.set_result(outcome)
+            except Exception as exc:  # pragma: no cover - run_batch isolates errors itself
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,199 @@
+"""The gRPC front door: admit -> decode + validate -> submit to the batcher -> encode.
+
+``PolicyServicer`` is plain grpc.aio (no Ray): the Ray deployment hands it the
+``@serve.batch`` method as ``submit``; tests can hand it a ``LocalBatcher``.
+Errors become status codes here and nowhere else, so a robot always gets the
+right code with the offending field named, and a bad request never reaches a
+batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving import codec
+from serving.api import pb, pb_grpc
+from serving.engine import Outcome, Pending, Submit
+from serving.errors import RequestError, exhausted, not_found
+from serving.policy.base import Policy
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
+
+
+@dataclass(frozen=True)
+class IngressLimits:
+    # Requests admitted but not yet answered, per replica; past it: RESOURCE_EXHAUSTED.
+    max_queued_requests: int = 256
+    # Deadline applied when the caller sets none.
+    default_timeout_s: float = 10.0
+
+
+class PolicyServicer(pb_grpc.PolicyServiceServicer):
+    def __init__(self, policy: Policy, submit: Submit, limits: IngressLimits | None = None, max_batch_size: int = 0):
+        self._policy = policy
+        self._embodiments = policy.embodiments
+        self._submit = submit
+        self._limits = limits or IngressLimits()
+        self.inflight = 0
+        self._describe = describe_policy(policy, max_batch_size)
+
+    # -- RPCs ---------------------------------------------------------------
+
+    async def Act(self, request: pb.ActRequest, context: grpc.aio.ServicerContext) -> pb.ActResponse:
+        received = time.monotonic()
+        remaining = context.time_remaining()
+        try:
+            outcome = await self._act(request, received, remaining, context)
+        except RequestError as err:
+            context.set_code(err.code)
+            context.set_details(err.detail)
+            return pb.ActResponse()
+        return self._response(request, outcome, received)
+
+    async def ActStream(
+        self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ActStreamResponse]:
+        async for request in request_iterator:
+            received = time.monotonic()
+            try:
+                outcome = await self._act(request, received, None, context)
+            except RequestError as err:
+                yield pb.ActStreamResponse(
+                    error=pb.StepError(
+                        code=err.code.value[0],
+                        message=err.detail,
+                        request_id=request.request_id,
+                        step=request.observation.step,
+                    )
+                )
+                continue
+            yield pb.ActStreamResponse(chunk=self._response(request, outcome, received))
+
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        return self._describe
+
+    # -- one observation ----------------------------------------------------
+
+    async def _act(
+        self,
+        request: pb.ActRequest,
+        received: float,
+        remaining: float | None,
+        context: grpc.aio.ServicerContext,
+    ) -> Outcome:
+        if self.inflight >= self._limits.max_queued_requests:
+            raise exhausted(f"server overloaded: {self.inflight} requests queued on this replica; retry with backoff")
+        obs = request.observation
+        if obs.model and obs.model != self._policy.name:
+            raise not_found("observation.model", f"unknown model {obs.model!r}; served: [{self._policy.name!r}]")
+        if obs.model_version and obs.model_version != self._policy.version:
+            raise not_found(
+                "observation.model_version",
+                f"model {self._policy.name!r} has version {self._policy.version!r}, not {obs.model_version!r}",
+            )
+        decoded = codec.decode_observation(obs, self._embodiments)
+        if remaining is None or remaining > 1e9:
+            remaining = self._limits.default_timeout_s
+        pending = Pending(observation=decoded, deadline=received + remaining, received=received)
+        self.inflight += 1
+        try:
+            outcome = await self._submit(pending)
+        except BaseException:
+            # Caller cancelled or the batcher failed: make sure nobody computes for it.
+            pending.cancelled = True
+            raise
+        finally:
+            self.inflight -= 1
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome
+
+    def _response(self, request: pb.ActRequest, outcome: Outcome, received: float) -> pb.ActResponse:
+        resp = pb.ActResponse(
+            model=self._policy.name,
+            model_version=self._policy.version,
+            embodiment=request.observation.embodiment,
+            request_id=request.request_id,
+            step=request.observation.step,
+        )
+        assert outcome.actions is not None
+        codec.numpy_to_tensor(outcome.actions, resp.actions)
+        t = resp.timing
+        t.queue_ms = outcome.queue_ms
+        t.compute_ms = outcome.compute_ms
+        t.batch_size = outcome.batch_size
+        t.total_ms = (time.monotonic() - received) * 1e3
+        return resp
+
+
+def describe_policy(policy: Policy, max_batch_size: int = 0) -> pb.DescribeResponse:
+    """The Describe answer: models and embodiments with dims, cameras, limits."""
+    info = pb.ModelInfo(name=policy.name, version=policy.version, max_batch_size=max_batch_size)
+    for spec in policy.embodiments.values():
+        info.embodiments.append(
+            pb.EmbodimentInfo(
+                name=spec.name,
+                description=spec.description,
+                state_dim=spec.state_dim,
+                action_dim=spec.action_dim,
+                cameras=[pb.CameraInfo(name=c.name, height=c.height, width=c.width) for c in spec.cameras],
+                chunk_length=spec.chunk_length,
+                control_rate_hz=spec.control_rate_hz,
+                action_low=list(spec.action_low),
+                action_high=list(spec.action_high),
+            )
+        )
+    from serving import __version__
+
+    return pb.DescribeResponse(models=[info], default_model=policy.name, server_version=__version__)
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Replicas on one node bind the same port; the kernel spreads connections.
+        ("grpc.so_reuseport", 1),
+        # Robots hold connections open for hours and ping to keep NATs warm.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class GrpcFrontend:
+    """A grpc.aio server with the PolicyService, grpc.health.v1 and reflection."""
+
+    def __init__(self, servicer: PolicyServicer, host: str, port: int, max_message_bytes: int):
+        self.servicer = servicer
+        self.server = grpc.aio.server(options=server_options(max_message_bytes))
+        pb_grpc.add_PolicyServiceServicer_to_server(servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind gRPC on {host}:{port}")
+        self.host = host
+
+    async def start(self) -> None:
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)

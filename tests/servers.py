@@ -1,0 +1,68 @@
+"""Run the real ingress (grpc.aio + LocalBatcher, no Ray) on a loopback port in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+from serving.engine import LocalBatcher, PolicyEngine
+from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
+from serving.policy.base import Policy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class IngressThread:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        max_batch_size: int = 8,
+        wait_s: float = 0.005,
+        limits: IngressLimits | None = None,
+        max_message_bytes: int = 4 << 20,
+    ):
+        self.policy = policy
+        self.engine = PolicyEngine(policy)
+        self.batcher = LocalBatcher(self.engine.run_batch, max_batch_size, wait_s)
+        self.limits = limits
+        self.max_message_bytes = max_message_bytes
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.frontend: GrpcFrontend | None = None
+
+    def __enter__(self) -> IngressThread:
+        self.thread.start()
+
+        async def start() -> GrpcFrontend:
+            servicer = PolicyServicer(
+                self.policy, self.batcher, self.limits, max_batch_size=self.batcher.max_batch_size
+            )
+            frontend = GrpcFrontend(servicer, "127.0.0.1", 0, self.max_message_bytes)
+            await frontend.start()
+            return frontend
+
+        self.frontend = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self.frontend is not None
+        return f"127.0.0.1:{self.frontend.port}"
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self.frontend is not None:
+            asyncio.run_coroutine_threadsafe(self.frontend.stop(grace_s), self.loop).result(grace_s + 10)
+            self.frontend = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.batcher.close()
+        self.engine.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serving.config import load_config
+
+
+def test_defaults() -> None:
+    cfg = load_config(environ={})
+    assert (cfg.host, cfg.grpc_port, cfg.policy) == ("127.0.0.1", 9000, "default")
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    path = tmp_path / "sb.yaml"
+    path.write_text("grpc_port: 9100\nmax_batch_size: 8\nhost: 0.0.0.0\n")
+    env = {"SUPERBRAIN_GRPC_PORT": "9200", "SUPERBRAIN_HOST": "127.0.0.2"}
+    cfg = load_config(path, {"host": "127.0.0.3", "grpc_port": None}, environ=env)
+    assert cfg.max_batch_size == 8  # from the file
+    assert cfg.grpc_port == 9200  # env beats the file; a flag left unset does not override
+    assert cfg.host == "127.0.0.3"  # flags beat env
+
+
+def test_bad_values_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError):
+        load_config(environ={"SUPERBRAIN_GRPC_PORT": "not-a-port"})
+    with pytest.raises(ValidationError, match="policy"):
+        load_config(overrides={"policy": "nonsense"}, environ={})
+    path = tmp_path / "typo.yaml"
+    path.write_text("grpc_prot: 1\n")
+    with pytest.raises(ValidationError, match="grpc_prot"):
+        load_config(path, environ={})
