@@ -30,13 +30,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving import launcher
 
     cfg = load_config(args.config, _serve_overrides(args))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-
     print(f"starting Ray and the Superbrain app ({cfg.policy} policy, {cfg.num_replicas} replica(s))...", flush=True)
     started = time.monotonic()
     launcher.ensure_ray(cfg.ray_address)
+    # After ray.init: Ray installs its own fatal-signal handlers, and ours must win
+    # so that SIGTERM drains instead of aborting.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         launcher.deploy(cfg)
         _print_ready(cfg, time.monotonic() - started)

@@ -70,3 +70,12 @@ class EchoPolicy(Policy):
 
 def expected_echo(spec: EmbodimentSpec, state: np.ndarray, frame_mean: float) -> np.ndarray:
     return np.tile(state[: spec.action_dim].astype(np.float32) + frame_mean, (spec.chunk_length, 1))
+
+
+class SlowEchoPolicy(EchoPolicy):
+    """EchoPolicy taking 1.5 s per batch: long enough to shut a server down mid-request."""
+
+    name = "slow-echo"
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=1.5)
