@@ -10,7 +10,6 @@ Deploy it the way Ray Serve deploys anything, by import path::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ray.serve import Application
@@ -42,27 +41,13 @@ def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
             "upscale_delay_s": a.upscale_delay_s,
             "downscale_delay_s": a.downscale_delay_s,
             "policy": AutoscalingPolicy(
-                policy_function="serving.app:inflight_autoscaling_policy",
+                policy_function="serving.autoscaling:InflightAutoscalingPolicy",
                 policy_kwargs={"target": a.target_inflight_per_replica},
             ),
         }
     else:
         options["num_replicas"] = cfg.num_replicas
     return options
-
-
-def inflight_autoscaling_policy(ctx: Any, target: float = 64.0) -> tuple[int, dict[str, Any]]:
-    """Replicas needed so that each holds about ``target`` requests in flight.
-
-    Replicas report ``inflight`` through ``record_autoscaling_stats`` because
-    robots' calls bypass Serve handles, whose request counts Serve would
-    otherwise use.
-    """
-    metrics = (ctx.aggregated_metrics or {}).get("inflight", {})
-    total = float(sum(metrics.values())) if isinstance(metrics, dict) else float(metrics or 0.0)
-    desired = math.ceil(total / target) if total > 0 else ctx.capacity_adjusted_min_replicas
-    desired = max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, desired))
-    return desired, {}
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
