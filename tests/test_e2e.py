@@ -154,3 +154,39 @@ def test_stream_session(robot, reference) -> None:
             session.act(images=bad["images"], state=bad["state"])
         obs = _observation(spec, rng)
         assert session.act(images=obs["images"], state=obs["state"]).actions.shape == (16, 8)
+
+
+def test_serves_a_checkpoint_directory(ray_session, tmp_path, reference) -> None:
+    """`superbrain serve --model DIR`: a checkpoint on disk serves the same actions as the model it holds."""
+    from serving import launcher
+    from serving.config import ServingConfig
+    from serving.models.checkpoint import write_default_checkpoint
+    from tests.servers import free_port
+
+    write_default_checkpoint(tmp_path / "ckpt", seed=0)
+    cfg = ServingConfig(
+        grpc_port=free_port(),
+        model_dir=str(tmp_path / "ckpt"),
+        replica_num_cpus=0.5,
+        torch_threads=1,
+        app_name="from-checkpoint",
+    )
+    launcher.deploy(cfg)
+    try:
+        obs = _observation(reference.embodiments["aloha_dual_arm"], np.random.default_rng(21))
+        with RobotClient(cfg.address, timeout=30) as client:
+            chunk = client.act(**obs)
+        np.testing.assert_allclose(chunk.actions, reference.infer([PolicyObservation(**obs)])[0], atol=1e-4)
+    finally:
+        launcher.undeploy(cfg)
+
+
+def test_superbrain_act_command(superbrain, capsys) -> None:
+    from serving.cli import main
+
+    assert main(["act", "--target", superbrain.address, "--embodiment", "aloha_dual_arm", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    import json
+
+    reply = json.loads(out)
+    assert np.asarray(reply["actions"]).shape == (25, 14)
