@@ -1,0 +1,159 @@
+"""The array-backend seam the processing kernels are written against.
+
+Kernels use ordinary operators (``+``, ``*``, slicing, integer-array indexing),
+which numpy arrays and torch tensors share. The few things that are spelled
+differently (creating arrays, moving to host, dtypes, permuting axes, clipping)
+go through an ``ArrayBackend``. Keep it that small: every method added here has
+to be implemented, and tested to agree, on every backend.
+
+Adding CuPy later means one more ``ArrayBackend`` subclass and one more entry
+in ``get_backend``; nothing in the kernels should need to change.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+#: A backend array: ``np.ndarray`` for ``NumpyBackend``, ``torch.Tensor`` for ``TorchBackend``.
+Array = Any
+
+#: The dtypes the kernels use, by name (the seam speaks names, not library objects).
+DTYPES = ("float32", "int64", "uint8", "bool")
+
+
+class ArrayBackend(abc.ABC):
+    """Array creation and the handful of operations numpy and torch spell differently."""
+
+    name: str
+    device: str
+
+    @abc.abstractmethod
+    def asarray(self, x: Any, dtype: str | None = None) -> Array:
+        """``x`` (host array, nested lists, or a backend array) as a backend array on ``device``."""
+
+    @abc.abstractmethod
+    def to_host(self, x: Array) -> np.ndarray:
+        """A numpy array with the values of ``x`` (no copy where the backend allows)."""
+
+    @abc.abstractmethod
+    def zeros(self, shape: Sequence[int], dtype: str) -> Array:
+        """A zero-filled array on ``device``."""
+
+    @abc.abstractmethod
+    def take(self, x: Array, indices: Array, axis: int) -> Array:
+        """Gather along one axis with an int64 index array (``np.take`` / ``index_select``)."""
+
+    @abc.abstractmethod
+    def astype(self, x: Array, dtype: str) -> Array:
+        """``x`` converted to ``dtype`` (no copy if it already has it)."""
+
+    @abc.abstractmethod
+    def permute(self, x: Array, axes: Sequence[int]) -> Array:
+        """``x`` with its axes reordered, laid out contiguously (the model wants dense inputs)."""
+
+    @abc.abstractmethod
+    def clip(self, x: Array, low: Array, high: Array) -> Array:
+        """Elementwise ``min(max(x, low), high)``; ``low``/``high`` broadcast against ``x``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device!r})"
+
+
+class NumpyBackend(ArrayBackend):
+    """Host arrays. What CPU serving uses: torch later wraps the result without a copy."""
+
+    name = "numpy"
+
+    def __init__(self, device: str = "cpu"):
+        if device != "cpu":
+            raise ValueError(f"the numpy backend only runs on 'cpu', not {device!r}")
+        self.device = "cpu"
+
+    def asarray(self, x: Any, dtype: str | None = None) -> np.ndarray:
+        # np.asarray on a CPU torch tensor is a zero-copy view (torch implements __array__).
+        return np.asarray(x, dtype=dtype)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)
+
+    def zeros(self, shape: Sequence[int], dtype: str) -> np.ndarray:
+        return np.zeros(tuple(shape), dtype=dtype)
+
+    def take(self, x: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
+        return np.take(x, indices, axis=axis)
+
+    def astype(self, x: np.ndarray, dtype: str) -> np.ndarray:
+        return x.astype(dtype, copy=False)
+
+    def permute(self, x: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+        return np.ascontiguousarray(np.transpose(x, tuple(axes)))
+
+    def clip(self, x: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        return np.clip(x, low, high)
+
+
+class TorchBackend(ArrayBackend):
+    """Torch tensors on any device string ("cpu", "cuda", "cuda:1", ...)."""
+
+    name = "torch"
+
+    def __init__(self, device: str = "cpu"):
+        import torch  # imported here so numpy-only users (clients) never pay for torch
+
+        self._torch = torch
+        self.device = str(torch.device(device))
+        self._dtypes = {name: getattr(torch, name) for name in DTYPES}
+
+    def asarray(self, x: Any, dtype: str | None = None) -> Any:
+        torch = self._torch
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            # Decoded frames are read-only views of request bytes; torch refuses to alias those.
+            x = x.copy()
+        return torch.as_tensor(x, dtype=self._dtypes[dtype] if dtype else None, device=self.device)
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    def zeros(self, shape: Sequence[int], dtype: str) -> Any:
+        return self._torch.zeros(tuple(shape), dtype=self._dtypes[dtype], device=self.device)
+
+    def take(self, x: Any, indices: Any, axis: int) -> Any:
+        return self._torch.index_select(x, axis, indices)
+
+    def astype(self, x: Any, dtype: str) -> Any:
+        return x.to(self._dtypes[dtype])
+
+    def permute(self, x: Any, axes: Sequence[int]) -> Any:
+        return x.permute(*axes).contiguous()
+
+    def clip(self, x: Any, low: Any, high: Any) -> Any:
+        return self._torch.clamp(x, low, high)
+
+
+_BACKENDS: dict[str, type[ArrayBackend]] = {
+    "numpy": NumpyBackend,
+    "torch": TorchBackend,
+    # "cupy": a CupyBackend goes here once it exists (planned; not implemented yet).
+}
+
+
+def get_backend(name: str, device: str = "cpu") -> ArrayBackend:
+    """The backend called ``name`` ("numpy" or "torch") placed on ``device``."""
+    cls = _BACKENDS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown array backend {name!r}; available: {sorted(_BACKENDS)}")
+    return cls(device)
+
+
+def backend_for(x: Array) -> ArrayBackend:
+    """The backend an existing array belongs to (numpy for ndarrays, torch on the tensor's device)."""
+    if isinstance(x, np.ndarray):
+        return NumpyBackend()
+    device = getattr(x, "device", None)
+    if device is not None and type(x).__module__.startswith("torch"):
+        return TorchBackend(str(device))
+    raise TypeError(f"no array backend for {type(x).__name__}")
