@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -47,7 +47,9 @@ class ServingConfig(BaseModel):
     device: str = "cpu"
     torch_threads: int | None = None
 
-    # Batching across robots (Ray Serve's @serve.batch).
+    # Batching across robots. "local": capacity-aware (a batch is formed when the
+    # policy is free); "serve": Ray Serve's @serve.batch. See docs/benchmarks.md.
+    batcher: Literal["local", "serve"] = "local"
     max_batch_size: int = Field(32, ge=1, le=1024)
     batch_wait_timeout_ms: float = Field(2.0, ge=0)
     # Admission bound per replica: past it callers get a fast RESOURCE_EXHAUSTED.

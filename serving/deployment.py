@@ -3,7 +3,7 @@
 Each replica embeds the gRPC front door (``serving.ingress``), so a robot's call
 goes socket -> replica -> batch -> reply with no proxy hop. Ray Serve still owns
 what it is good at: placing replicas on nodes with the right accelerator,
-restarting them, ``@serve.batch`` batching, health checks and autoscaling (fed
+restarting them, health checks and autoscaling (fed
 by each replica's requests in flight). docs/benchmarks.md shows why: Ray Serve's
 own gRPC proxy costs ~10x throughput on these machines.
 """
@@ -15,7 +15,7 @@ import logging
 from ray import serve
 
 from serving.config import ServingConfig
-from serving.engine import Outcome, Pending, PolicyEngine
+from serving.engine import CapacityBatcher, Outcome, Pending, PolicyEngine, Submit
 from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
 from serving.policy.loader import load_policy
 
@@ -34,11 +34,18 @@ class PolicyReplica:
         self.policy = load_policy(cfg.policy, cfg.model_dir, seed=cfg.seed)
         self.policy.setup(cfg.device)
         self.engine = PolicyEngine(self.policy)
-        self.run_batch.set_max_batch_size(cfg.max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_ms / 1e3)
+        wait_s = cfg.batch_wait_timeout_ms / 1e3
+        submit: Submit
+        if cfg.batcher == "serve":
+            self.run_batch.set_max_batch_size(cfg.max_batch_size)
+            self.run_batch.set_batch_wait_timeout_s(wait_s)
+            submit = self.run_batch
+        else:
+            self.batcher = CapacityBatcher(self.engine.run_batch, cfg.max_batch_size, wait_s)
+            submit = self.batcher
         servicer = PolicyServicer(
             self.policy,
-            self.run_batch,
+            submit,
             IngressLimits(cfg.max_queued_requests, cfg.default_timeout_s),
             max_batch_size=cfg.max_batch_size,
         )
@@ -46,6 +53,8 @@ class PolicyReplica:
         await self.frontend.start()
         log.info("replica serving %s %s on %s:%d", self.policy.name, self.policy.version, cfg.host, self.frontend.port)
 
+    # Used with ``batcher: serve``; the default capacity-aware CapacityBatcher forms
+    # larger batches under load (see serving.engine.CapacityBatcher).
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def run_batch(self, items: list[Pending]) -> list[Outcome]:
         return await self.engine.run_batch(items)

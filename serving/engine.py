@@ -1,7 +1,7 @@
 """Runs batches through a Policy: deadlines, error isolation, timing (no Ray).
 
-The Ray deployment wraps ``PolicyEngine.run_batch`` in ``@serve.batch``; tests
-and tools wrap it in ``LocalBatcher``. Either way a batch is a list of
+A batcher (``CapacityBatcher`` by default, or Ray Serve's ``@serve.batch``)
+feeds ``PolicyEngine.run_batch``. Either way a batch is a list of
 ``Pending`` requests that were already validated by the codec, and the result is
 one ``Outcome`` per request, in order, so every chunk returns to the robot that
 asked for it.
@@ -10,6 +10,7 @@ asked for it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import time
@@ -127,58 +128,74 @@ class PolicyEngine:
             self._executor.shutdown(wait=True)
 
 
-class LocalBatcher:
-    """A minimal in-process batcher with @serve.batch's semantics, for use without Ray.
+class CapacityBatcher:
+    """Capacity-aware batching: the next batch is formed only when the policy is free.
 
-    Collects up to ``max_batch_size`` requests, waiting at most ``wait_s`` after
-    the first one, and runs one batch at a time.
+    While a batch computes, new requests queue up; when it finishes, everything
+    queued (up to ``max_batch_size``) goes at once, so batches grow with load.
+    Only when the batcher was idle does it wait up to ``wait_s`` after the first
+    request for others to join. (``@serve.batch`` instead forms batches eagerly
+    and parks them behind its concurrency semaphore, so under load it runs many
+    small batches back to back: docs/benchmarks.md has the figures.)
     """
 
     def __init__(
-        self,
-        run_batch: Callable[[list[Pending]], Awaitable[list[Outcome]]],
-        max_batch_size: int,
-        wait_s: float,
+        self, run_batch: Callable[[list[Pending]], Awaitable[list[Outcome]]], max_batch_size: int, wait_s: float
     ):
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
-        self._queue: asyncio.Queue[tuple[Pending, asyncio.Future[Outcome]]] | None = None
+        self._pending: collections.deque[tuple[Pending, asyncio.Future[Outcome]]] = collections.deque()
+        self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __call__(self, item: Pending) -> Outcome:
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((item, fut))
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._arrived = asyncio.Event()
+            self._task = loop.create_task(self._loop())
+        fut: asyncio.Future[Outcome] = loop.create_future()
+        self._pending.append((item, fut))
+        assert self._arrived is not None
+        self._arrived.set()
         return await fut
 
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
     async def _loop(self) -> None:
-        assert self._queue is not None
+        assert self._arrived is not None
+        arrived = self._arrived
         while True:
-            batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.max_batch_size:
-                if self._queue.empty():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    batch.append(self._queue.get_nowait())
+            if not self._pending:
+                arrived.clear()
+                await arrived.wait()
+                await self._gather_stragglers(arrived)
+            n = min(len(self._pending), self.max_batch_size)
+            batch = [self._pending.popleft() for _ in range(n)]
             try:
                 outcomes = await self._run_batch([item for item, _ in batch])
                 for (_, fut), outcome in zip(batch, outcomes, strict=True):
                     if not fut.done():
                         fut.set_result(outcome)
-            except Exception as exc:  # pragma: no cover - run_batch isolates errors itself
+            except Exception as exc:  # run_batch isolates policy errors; this is a bug guard
+                log.exception("batch failed")
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
+
+    async def _gather_stragglers(self, arrived: asyncio.Event) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while len(self._pending) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
 
     def close(self) -> None:
         if self._task is not None:

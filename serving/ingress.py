@@ -1,7 +1,7 @@
 """The gRPC front door: admit -> decode + validate -> submit to the batcher -> encode.
 
-``PolicyServicer`` is plain grpc.aio (no Ray): the Ray deployment hands it the
-``@serve.batch`` method as ``submit``; tests can hand it a ``LocalBatcher``.
+``PolicyServicer`` is plain grpc.aio (no Ray): the Ray deployment hands it a
+batcher as ``submit`` (``CapacityBatcher`` or the ``@serve.batch`` method).
 Errors become status codes here and nowhere else, so a robot always gets the
 right code with the offending field named, and a bad request never reaches a
 batch.

@@ -1,4 +1,4 @@
-"""Run the real ingress (grpc.aio + LocalBatcher, no Ray) on a loopback port in a background thread."""
+"""Run the real ingress (grpc.aio + CapacityBatcher, no Ray) on a loopback port in a background thread."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import socket
 import threading
 
-from serving.engine import LocalBatcher, PolicyEngine
+from serving.engine import CapacityBatcher, PolicyEngine
 from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
 from serving.policy.base import Policy
 
@@ -29,7 +29,7 @@ class IngressThread:
     ):
         self.policy = policy
         self.engine = PolicyEngine(policy)
-        self.batcher = LocalBatcher(self.engine.run_batch, max_batch_size, wait_s)
+        self.batcher = CapacityBatcher(self.engine.run_batch, max_batch_size, wait_s)
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.loop = asyncio.new_event_loop()

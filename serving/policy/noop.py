@@ -20,6 +20,7 @@ from serving.processing.actions import float32_limits
 class NoopPolicy(Policy):
     name = "noop"
     version = "0"
+    compute_bound = False  # nothing to offload: runs on the event loop
 
     def __init__(self, embodiments: Sequence[EmbodimentSpec] | None = None):
         specs = tuple(embodiments) if embodiments is not None else default_embodiments()
