@@ -167,10 +167,12 @@ class CapacityBatcher:
     async def _loop(self) -> None:
         assert self._arrived is not None
         arrived = self._arrived
+        idle = True
         while True:
             if not self._pending:
                 arrived.clear()
                 await arrived.wait()
+            if idle:
                 await self._gather_stragglers(arrived)
             n = min(len(self._pending), self.max_batch_size)
             batch = [self._pending.popleft() for _ in range(n)]
@@ -184,6 +186,8 @@ class CapacityBatcher:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
+            # Requests that queued while this batch ran have waited long enough.
+            idle = not self._pending
 
     async def _gather_stragglers(self, arrived: asyncio.Event) -> None:
         deadline = time.monotonic() + self.wait_s
