@@ -1,0 +1,402 @@
+"""``superbrain bench``: run a workload against Superbrain (and, with --compare, the other systems).
+
+Systems run one after another, never two at once; each is its own process tree
+(``serving.bench.systems``) and each is driven by the same load generator in its
+own process (``serving.bench.harness``). Prints a table, then, with ``--json``,
+exactly one JSON object as the last line. docs/benchmarks.md has the method and
+the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from serving.bench.systems import ALL_SYSTEMS, DESCRIPTIONS, RAW_MODEL, RunningSystem, run_raw_model
+
+COMPARE_SYSTEMS = {
+    "W1": (
+        "superbrain",
+        "grpc_limit",
+        "superbrain_no_ray",
+        "ray_default_proxy",
+        "ray_direct_ingress",
+        "ray_throughput_optimized",
+        "ray_haproxy",
+    ),
+    "W2": (
+        "superbrain",
+        "superbrain_unbatched",
+        "superbrain_serve_batch",
+        "grpc_limit",
+        "ray_default_proxy",
+        RAW_MODEL,
+    ),
+    "W3": (
+        "superbrain",
+        "superbrain_unbatched",
+        "superbrain_serve_batch",
+        "grpc_limit",
+        "ray_default_proxy",
+        RAW_MODEL,
+    ),
+}
+SMOKE_SYSTEMS = ("superbrain", "grpc_limit")
+HARNESS_TIMEOUT_S = 1800
+
+# (name, comparison, threshold) per workload.
+TARGETS = {
+    "W1": (("ratio_vs_limit", ">=", 0.8), ("p50_ratio_at_1", "<=", 1.25)),
+    "W2": (("ratio_vs_raw_model", ">=", 0.85), ("batching_gain_at_64", ">=", 4.0)),
+    "W3": (),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", choices=("W1", "W2", "W3"), default="W1", type=str.upper)
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the gRPC limit and Ray Serve's ingress modes (W2/W3: unbatched Superbrain and the raw model)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--concurrency", default="1,8,32,64", help="robots per level, comma-separated")
+    parser.add_argument("--calls", type=int, default=50, help="timed calls per robot per level")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per robot before each level")
+    parser.add_argument(
+        "--systems", help=f"comma-separated subset to run (implies --compare); choose from: {', '.join(ALL_SYSTEMS)}"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="fast check: concurrency 1,4, 5 calls, superbrain + grpc_limit only"
+    )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the systems' processes, e.g. a Ray Serve flag to try (repeatable)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole list of systems this many times, interleaved; report each system's median round",
+    )
+    parser.add_argument("--raw-repeats", type=int, default=5, help="raw model: best of this many repeats")
+    parser.add_argument("--workdir", help="where system logs go (default: a temporary directory)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the logs even when everything worked")
+
+
+def _levels(text: str) -> list[int]:
+    levels = [int(x) for x in str(text).split(",") if x.strip()]
+    if not levels or min(levels) < 1:
+        raise SystemExit("--concurrency: a comma-separated list of positive integers")
+    return levels
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[str], list[int], int, int]:
+    workload = args.workload.upper()
+    if args.smoke:
+        systems = list(SMOKE_SYSTEMS)
+        levels, calls, warmup = [1, 4], 5, 1
+    else:
+        levels, calls, warmup = _levels(args.concurrency), args.calls, args.warmup
+        if args.systems:
+            systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        elif args.compare:
+            systems = list(COMPARE_SYSTEMS[workload])
+        else:
+            systems = ["superbrain"]
+    unknown = [s for s in systems if s not in ALL_SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown system(s) {unknown}; choose from {list(ALL_SYSTEMS)}")
+    return systems, levels, calls, warmup
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _run_harness(
+    running: RunningSystem, workload: str, levels: list[int], calls: int, warmup: int, log_dir: Path
+) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "serving.bench.harness", "--target", running.target, "--workload", workload]
+    cmd += ["--concurrency", ",".join(map(str, levels)), "--calls", str(calls), "--warmup", str(warmup)]
+    for item in running.metadata:
+        cmd += ["--metadata", item]
+    err_path = log_dir / f"harness-{running.system}.log"
+    with open(err_path, "w") as err:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=HARNESS_TIMEOUT_S, check=False)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"harness failed (rc {out.returncode}); see {err_path}")
+    return json.loads(lines[-1])
+
+
+def _summarise_sweep(report: dict[str, Any]) -> dict[str, Any]:
+    levels = report["levels"]
+    first = min(levels, key=lambda lv: lv["concurrency"])
+    peak = max(levels, key=lambda lv: lv["rps"])
+    return {
+        "rps": peak["rps"],
+        "peak_concurrency": peak["concurrency"],
+        "p99_at_peak_ms": peak["p99_ms"],
+        "p50_ms": first["p50_ms"],
+        "p99_ms": first["p99_ms"],
+        "latency_at_concurrency": first["concurrency"],
+        "errors": sum(lv["errors"] for lv in levels),
+        "sweep": {str(lv["concurrency"]): {k: v for k, v in lv.items() if k != "concurrency"} for lv in levels},
+    }
+
+
+def _level(result: dict[str, Any] | None, concurrency: int) -> dict[str, Any] | None:
+    if not result or "sweep" not in result:
+        return None
+    return result["sweep"].get(str(concurrency))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return round(a / b, 3)
+
+
+def compute_ratios(workload: str, systems: dict[str, dict[str, Any]], levels: list[int]) -> dict[str, Any]:
+    sb, limit = systems.get("superbrain"), systems.get("grpc_limit")
+    out: dict[str, Any] = {}
+    ok = lambda r: r is not None and "rps" in r  # noqa: E731
+    if ok(sb) and ok(limit):
+        out["ratio_vs_limit"] = _ratio(sb["rps"], limit["rps"])
+        out["p50_ratio_at_1"] = _ratio(sb["p50_ms"], limit["p50_ms"])
+    raw, unbatched = systems.get(RAW_MODEL), systems.get("superbrain_unbatched")
+    if ok(sb) and ok(raw):
+        out["ratio_vs_raw_model"] = _ratio(sb["rps"], raw["rps"])
+        # The raw model at the server's own max_batch_size (the largest batch it can run).
+        same = raw["sweep"].get(str(sb.get("server", {}).get("max_batch_size")))
+        if same:
+            out["ratio_vs_raw_model_at_max_batch"] = _ratio(sb["rps"], same["obs_per_s"])
+    top = 64 if 64 in levels else max(levels)
+    if ok(sb) and ok(unbatched):
+        a, b = _level(sb, top), _level(unbatched, top)
+        out[f"batching_gain_at_{top}"] = _ratio(a and a["rps"], b and b["rps"])
+    if ok(sb):
+        for name in (
+            "superbrain_no_ray",
+            "superbrain_serve_batch",
+            "ray_default_proxy",
+            "ray_direct_ingress",
+            "ray_throughput_optimized",
+            "ray_haproxy",
+        ):
+            if ok(systems.get(name)):
+                out[f"ratio_vs_{name}"] = _ratio(sb["rps"], systems[name]["rps"])
+    return out
+
+
+def evaluate_targets(workload: str, ratios: dict[str, Any]) -> dict[str, Any]:
+    targets: dict[str, Any] = {}
+    for name, op, threshold in TARGETS[workload]:
+        value = ratios.get(name)
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        targets[name] = {"target": f"{op} {threshold}", "value": value, "met": met}
+    return targets
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import grpc
+    import ray
+
+    info["ray"], info["grpcio"] = ray.__version__, grpc.__version__
+    try:
+        import torch
+
+        info["torch"], info["torch_threads"] = torch.__version__, torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: other work on the machine shows up here."""
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [("system", "robots", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "batch")]
+    for name, res in result["systems"].items():
+        if "error" in res:
+            rows.append((name, "-", "FAILED", "", "", "", "", ""))
+            continue
+        for conc, lv in res["sweep"].items():
+            if name == RAW_MODEL:
+                rows.append(
+                    (name, f"b={conc}", f"{lv['obs_per_s']:.0f}", f"{lv['batch_ms_best']:.2f}", "", "", "", conc)
+                )
+                continue
+            rows.append(
+                (
+                    name,
+                    conc,
+                    f"{lv['rps']:.0f}",
+                    _fmt(lv["p50_ms"]),
+                    _fmt(lv["p90_ms"]),
+                    _fmt(lv["p99_ms"]),
+                    str(lv["errors"]),
+                    f"{lv['mean_server_batch']:.1f}" if lv["mean_server_batch"] else "",
+                )
+            )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    out = [f"workload {result['workload']}: {result['payload']['payload']} (policy {result['payload']['policy']})"]
+    out += lines
+    if result.get("ratios"):
+        out.append("")
+        for k, v in result["ratios"].items():
+            out.append(f"{k}: {v}")
+    for name, t in result.get("targets", {}).items():
+        state = {True: "MET", False: "NOT MET", None: "n/a"}[t["met"]]
+        out.append(f"target {name} {t['target']}: {t['value']} -> {state}")
+    for name, res in result["systems"].items():
+        if "error" in res:
+            out.append(f"{name} failed: {res['error']}")
+    return "\n".join(out)
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def _run_system(
+    name: str,
+    workload: str,
+    policy: str,
+    levels: list[int],
+    calls: int,
+    warmup: int,
+    workdir: Path,
+    server_env: dict[str, str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Start one system, drive it with the harness, stop it; its summary (or {"error": ...})."""
+    t0 = time.monotonic()
+    try:
+        if name == RAW_MODEL:
+            _log(f"{name}: policy.infer on batches of {levels} ({policy} policy)")
+            raw = run_raw_model(workload, workdir, levels, args.raw_repeats)
+            result = {
+                "rps": raw["rps"],
+                "sweep": {str(lv["batch_size"]): lv for lv in raw["levels"]},
+                "description": DESCRIPTIONS[name],
+            }
+        else:
+            _log(f"{name}: starting ({DESCRIPTIONS[name]})")
+            with RunningSystem(name, workload, workdir, extra_env=server_env) as running:
+                _log(f"{name}: ready on {running.target} after {time.monotonic() - t0:.1f}s; load {levels}")
+                report = _run_harness(running, workload, levels, calls, warmup, workdir)
+            result = {**_summarise_sweep(report), "description": DESCRIPTIONS[name], "server": running.info}
+        _log(f"{name}: peak {result['rps']:.0f}/s ({time.monotonic() - t0:.0f}s)")
+        return result
+    except Exception as exc:
+        _log(f"{name}: FAILED: {exc}")
+        return {"error": str(exc).splitlines()[0], "description": DESCRIPTIONS[name]}
+
+
+def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median peak throughput (all of one run's figures, never mixed across runs)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    chosen = dict(sorted(ok, key=lambda r: r["rps"])[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        chosen["rounds_rps"] = [r.get("rps") for r in runs]
+    return chosen
+
+
+def main(args: argparse.Namespace) -> int:
+    from serving.bench.workloads import build
+
+    workload = args.workload.upper()
+    systems, levels, calls, warmup = _plan(args)
+    wl = build(workload)
+    own_workdir = not args.workdir
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="superbrain-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    server_env = dict(item.split("=", 1) for item in args.server_env if "=" in item)
+    load_start = _loadavg()
+    started = time.monotonic()
+    n_rounds = 1 if args.smoke else max(1, args.rounds)
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
+    for r in range(n_rounds):
+        if n_rounds > 1:
+            _log(f"round {r + 1}/{n_rounds}")
+        for name in systems:
+            rounds[name].append(
+                _run_system(name, workload, wl.policy, levels, calls, warmup, workdir, server_env, args)
+            )
+    results = {name: _median_round(runs) for name, runs in rounds.items()}
+    failed = any("error" in results.get(name, {}) for name in ("superbrain", "grpc_limit") if name in results)
+    ratios = compute_ratios(workload, results, levels)
+    result: dict[str, Any] = {
+        "workload": workload,
+        "payload": wl.summary(),
+        "concurrency": levels,
+        "calls_per_robot": calls,
+        "warmup_calls_per_robot": warmup,
+        "rounds": n_rounds,
+        "server_env": server_env,
+        "systems": results,
+        **ratios,
+        "ratios": ratios,
+        "targets": evaluate_targets(workload, ratios) if not args.smoke else {},
+        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": _loadavg()},
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    met = [t["met"] for t in result["targets"].values()]
+    result["all_targets_met"] = all(m is True for m in met) if met else None
+    print(format_table(result), flush=True)
+    result.pop("ratios")
+    if failed or args.keep_logs or not own_workdir:
+        print(f"logs: {workdir}", flush=True)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m serving.bench.runner", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
