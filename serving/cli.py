@@ -68,7 +68,7 @@ def _print_ready(cfg: ServingConfig, elapsed_s: float) -> None:
     print(
         "\nCall it:\n"
         f"  superbrain act --target {cfg.address} --embodiment franka_arm --instruction 'pick up the red cup'\n"
-        "  python -c \"from serving.client import RobotClient; "
+        '  python -c "from serving.client import RobotClient; '
         f"print(RobotClient('{cfg.address}').describe())\"\n"
         f"  grpcurl -plaintext {cfg.address} list          # reflection is on\n"
         "Stop with Ctrl-C.",

@@ -8,6 +8,7 @@ field, so one bad request is rejected before it can reach a batch.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 
@@ -37,13 +38,14 @@ def tensor_to_numpy(t: pb.Tensor, field: str) -> np.ndarray:
     shape = tuple(int(d) for d in t.shape)
     if any(d < 0 for d in shape):
         raise invalid(f"{field}.shape", f"negative dimension in {list(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(t.data) != expected:
+    expected = math.prod(shape) * dtype.itemsize
+    data = t.data  # each attribute read copies the bytes out of the message: read once
+    if len(data) != expected:
         raise invalid(
             f"{field}.data",
-            f"has {len(t.data)} bytes but dtype {dtype.name} and shape {list(shape)} need {expected}",
+            f"has {len(data)} bytes but dtype {dtype.name} and shape {list(shape)} need {expected}",
         )
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def numpy_to_tensor(array: np.ndarray, out: pb.Tensor | None = None) -> pb.Tensor:

@@ -26,10 +26,11 @@ log = logging.getLogger("ray.serve")
 class PolicyReplica:
     async def __init__(self, config: dict) -> None:
         cfg = ServingConfig.model_validate(config)
-        if cfg.torch_threads:
+        if cfg.policy != "noop":
             import torch
 
-            torch.set_num_threads(cfg.torch_threads)
+            # Ray sets OMP_NUM_THREADS from num_cpus, rounding fractions down to 1.
+            torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.replica_num_cpus)))
         self.cfg = cfg
         self.policy = load_policy(cfg.policy, cfg.model_dir, seed=cfg.seed)
         self.policy.setup(cfg.device)

@@ -42,6 +42,9 @@ def generate(out_dir: Path) -> list[Path]:
         for name in GENERATED:
             text = (Path(tmp) / "superbrain" / "v1" / name).read_text()
             text = re.sub(r"^from superbrain\.v1 import", "from . import", text, flags=re.M)
+            # Register messages under the module's real import path, so that tools
+            # that pickle by module name (Ray's object store, Serve's gRPC proxy) work.
+            text = text.replace("'superbrain.v1.superbrain_pb2'", "'serving.api.v1.superbrain_pb2'")
             target = out_dir / name
             target.write_text(text)
             written.append(target)

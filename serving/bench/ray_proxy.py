@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import sys
 import time
 
 import numpy as np
@@ -39,46 +38,10 @@ APP_NAME = "bench"
 SERVICER_FUNCTION = "serving.bench.ray_proxy.add_servicer_to_server"
 
 
-def _alias_generated_module() -> None:
-    """Make ``superbrain.v1.superbrain_pb2`` importable (an alias of ``serving.api.v1.superbrain_pb2``).
-
-    The generated code registers its message classes under the proto's own module
-    name, ``superbrain.v1.superbrain_pb2`` (``BuildTopDescriptorsAndMessages``), so
-    ``pickle`` cannot find them: Serve's proxy pickles the request proto to hand it
-    to the replica and fails with "Can't pickle <class
-    'superbrain.v1.superbrain_pb2.ActRequest'>". Installed in every process that
-    pickles or unpickles them (the proxy through ``add_servicer_to_server``, the
-    replica by importing this module). It changes no cost: pickling a message is
-    serialising it either way.
-    """
-    import types
-
-    from serving.api.v1 import superbrain_pb2
-
-    name = pb.ActRequest.__module__
-    if name in sys.modules or "." not in name:
-        return
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        pkg_name = ".".join(parts[:i])
-        if pkg_name not in sys.modules:
-            pkg = types.ModuleType(pkg_name)
-            pkg.__path__ = []
-            sys.modules[pkg_name] = pkg
-            if i > 1:
-                setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], pkg)
-    sys.modules[name] = superbrain_pb2
-    setattr(sys.modules[".".join(parts[:-1])], parts[-1], superbrain_pb2)
-
-
-_alias_generated_module()
-
-
 def add_servicer_to_server(servicer: object, server: object) -> None:
-    """Serve's ``grpc_servicer_functions`` entry: the generated one, after the pickle alias above."""
+    """Serve's ``grpc_servicer_functions`` entry (the generated one)."""
     from serving.api import pb_grpc
 
-    _alias_generated_module()
     pb_grpc.add_PolicyServiceServicer_to_server(servicer, server)
 
 
@@ -87,9 +50,6 @@ class RayServePolicy:
     def __init__(self, policy_spec: str, max_batch_size: int, batch_wait_ms: float) -> None:
         from serving.policy.loader import load_policy
 
-        # @serve.deployment replaces the class in this module, so cloudpickle ships the
-        # class by value and this module is never imported in the replica: do it here.
-        _alias_generated_module()
         self.policy = load_policy(policy_spec, seed=0)
         self.policy.setup("cpu")
         self.executor = (

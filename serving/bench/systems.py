@@ -69,6 +69,9 @@ def bench_config(system: str = "superbrain", policy: str | None = None) -> Servi
         overrides["max_batch_size"] = 1
     if system == "superbrain_serve_batch":
         overrides["batcher"] = "serve"
+    if "SUPERBRAIN_TORCH_THREADS" not in os.environ:
+        # The limit server and the raw model use torch's default (every core); so do we.
+        overrides["torch_threads"] = os.cpu_count() or 1
     return load_config(overrides=overrides)
 
 
