@@ -194,3 +194,16 @@ def test_health_and_draining_finishes_in_flight_work() -> None:
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.PolicyServiceStub(ch).Act(request(ARM), timeout=2)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_server_reflection_lists_the_services(server) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert {"superbrain.v1.PolicyService", "grpc.health.v1.Health"} <= names
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="superbrain.v1.PolicyService")
+        (reply,) = stub.ServerReflectionInfo(iter([request]))
+        assert reply.file_descriptor_response.file_descriptor_proto
