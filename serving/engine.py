@@ -133,8 +133,9 @@ class CapacityBatcher:
 
     While a batch computes, new requests queue up; when it finishes, everything
     queued (up to ``max_batch_size``) goes at once, so batches grow with load.
-    Only when the batcher was idle does it wait up to ``wait_s`` after the first
-    request for others to join. (``@serve.batch`` instead forms batches eagerly
+    Only when the batcher was idle, and the last batch showed that robots arrive
+    together (more than one request), does it wait up to ``wait_s`` after the
+    first request for others to join: a lone robot never pays the wait. (``@serve.batch`` instead forms batches eagerly
     and parks them behind its concurrency semaphore, so under load it runs many
     small batches back to back: docs/benchmarks.md has the figures.)
     """
@@ -167,14 +168,14 @@ class CapacityBatcher:
     async def _loop(self) -> None:
         assert self._arrived is not None
         arrived = self._arrived
-        idle = True
+        idle, last_size = True, 1
         while True:
             if not self._pending:
                 arrived.clear()
                 await arrived.wait()
-            if idle:
+            if idle and last_size > 1:
                 await self._gather_stragglers(arrived)
-            n = min(len(self._pending), self.max_batch_size)
+            n = last_size = min(len(self._pending), self.max_batch_size)
             batch = [self._pending.popleft() for _ in range(n)]
             try:
                 outcomes = await self._run_batch([item for item, _ in batch])

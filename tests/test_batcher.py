@@ -36,21 +36,32 @@ def test_requests_queued_during_a_batch_go_together_in_order() -> None:
     assert [int(r.queue_ms) for r in results] == list(range(21)), "each caller gets its own outcome"
 
 
-def test_idle_batcher_waits_for_stragglers() -> None:
+def test_idle_batcher_waits_for_stragglers_only_when_robots_come_together() -> None:
     sizes: list[int] = []
 
     async def run_batch(items: list[Pending]) -> list[Outcome]:
         sizes.append(len(items))
+        await asyncio.sleep(0.02)
         return [Outcome() for _ in items]
 
-    async def main() -> None:
-        batcher = CapacityBatcher(run_batch, max_batch_size=8, wait_s=0.2)
+    async def staggered(batcher: CapacityBatcher, n: int) -> None:
         calls = [asyncio.ensure_future(batcher(_pending(0)))]
-        for i in range(1, 4):
+        for i in range(1, n):
             await asyncio.sleep(0.01)
             calls.append(asyncio.ensure_future(batcher(_pending(i))))
         await asyncio.gather(*calls)
-        batcher.close()
 
-    asyncio.run(main())
-    assert sizes == [4]
+    async def main() -> float:
+        batcher = CapacityBatcher(run_batch, max_batch_size=8, wait_s=0.2)
+        t0 = time.monotonic()
+        await batcher(_pending(0))  # a lone robot: no straggler wait
+        lone = time.monotonic() - t0
+        await asyncio.gather(batcher(_pending(1)), batcher(_pending(2)))  # two arrive together
+        await asyncio.sleep(0.05)  # idle again
+        await staggered(batcher, 4)  # the last batch had company: wait for stragglers
+        batcher.close()
+        return lone
+
+    lone = asyncio.run(main())
+    assert lone < 0.15, "a lone robot must not wait for stragglers"
+    assert sizes == [1, 2, 4]
