@@ -23,6 +23,14 @@ from typing import Any
 
 from serving.bench.systems import ALL_SYSTEMS, DESCRIPTIONS, RAW_MODEL, RunningSystem, run_raw_model
 
+_MODEL_WORKLOAD_SYSTEMS = (
+    "superbrain",
+    "superbrain_unbatched",
+    "superbrain_serve_batch",
+    "grpc_limit",
+    "ray_default_proxy",
+    RAW_MODEL,
+)
 COMPARE_SYSTEMS = {
     "W1": (
         "superbrain",
@@ -33,22 +41,8 @@ COMPARE_SYSTEMS = {
         "ray_throughput_optimized",
         "ray_haproxy",
     ),
-    "W2": (
-        "superbrain",
-        "superbrain_unbatched",
-        "superbrain_serve_batch",
-        "grpc_limit",
-        "ray_default_proxy",
-        RAW_MODEL,
-    ),
-    "W3": (
-        "superbrain",
-        "superbrain_unbatched",
-        "superbrain_serve_batch",
-        "grpc_limit",
-        "ray_default_proxy",
-        RAW_MODEL,
-    ),
+    "W2": _MODEL_WORKLOAD_SYSTEMS,
+    "W3": _MODEL_WORKLOAD_SYSTEMS,
 }
 SMOKE_SYSTEMS = ("superbrain", "grpc_limit")
 HARNESS_TIMEOUT_S = 1800
