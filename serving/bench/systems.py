@@ -402,46 +402,42 @@ def raw_model(workload: str, batch_sizes: list[int], repeats: int, min_obs: int,
 # ---------------------------------------------------------------------------
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, ... (None if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2 :].split()
+    except (OSError, ValueError):
+        return None
+
+
+def _all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def _pgid_members(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            # Fields after the ")" of comm: state ppid pgrp ...
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return pids
+    members = []
+    for pid in _all_pids():
+        fields = _stat_fields(pid)
+        if fields and int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(pid)
+    return members
 
 
 def _start_time(pid: int) -> int | None:
     """The process's start time (clock ticks since boot), to tell a pid from a reused one."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def _descendants(root: int) -> dict[int, int]:
     """All processes below ``root``, as pid -> start time."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+    for pid in _all_pids():
+        fields = _stat_fields(pid)
+        if fields:
+            children.setdefault(int(fields[1]), []).append(pid)
     out: dict[int, int] = {}
     stack = [root]
     while stack:
@@ -569,11 +565,8 @@ class RunningSystem:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def _tail(path: Path | None, n: int = 30) -> str:
