@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import codec
+from serving import __version__, codec
 from serving.api import pb, pb_grpc
 from serving.engine import Outcome, Pending, Submit
 from serving.errors import RequestError, exhausted, not_found
@@ -152,8 +152,6 @@ def describe_policy(policy: Policy, max_batch_size: int = 0) -> pb.DescribeRespo
                 action_high=list(spec.action_high),
             )
         )
-    from serving import __version__
-
     return pb.DescribeResponse(models=[info], default_model=policy.name, server_version=__version__)
 
 
