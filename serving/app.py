@@ -17,6 +17,7 @@ from ray.serve.config import AutoscalingPolicy
 
 from serving.config import ServingConfig, load_config
 from serving.deployment import PolicyReplica
+from serving.quota.coordinator import QuotaCoordinator
 
 
 def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
@@ -60,4 +61,12 @@ def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve application builder: ``args`` are ServingConfig fields (env fills the rest)."""
     cfg = load_config(overrides=args or {})
-    return PolicyReplica.options(**deployment_options(cfg)).bind(cfg.model_dump())
+    # Replicas may run with another working directory: pin local state to an absolute path.
+    cfg = cfg.model_copy(update={"state_dir": str(cfg.state_path)})
+    replica = PolicyReplica.options(**deployment_options(cfg))
+    if not cfg.auth:
+        return replica.bind(cfg.model_dump())
+    coordinator = QuotaCoordinator.options(ray_actor_options={"num_cpus": 0}).bind(
+        cfg.resolved_ledger_url, lease_ttl_s=cfg.lease_ttl_s
+    )
+    return replica.bind(cfg.model_dump(), coordinator)

@@ -32,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _serve_overrides(args))
     print(f"starting Ray and the Superbrain app ({cfg.policy} policy, {cfg.num_replicas} replica(s))...", flush=True)
     started = time.monotonic()
+    dev_key = _bootstrap_dev_tenant(cfg)
     launcher.ensure_ray(cfg.ray_address)
     # After ray.init: Ray installs its own fatal-signal handlers, and ours must win
     # so that SIGTERM drains instead of aborting.
@@ -40,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         launcher.deploy(cfg)
-        _print_ready(cfg, time.monotonic() - started)
+        _print_ready(cfg, time.monotonic() - started, dev_key)
         while not stop.wait(0.5):
             pass
         print("\nshutting down: draining in-flight requests...", flush=True)
@@ -51,10 +52,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_ready(cfg: ServingConfig, elapsed_s: float) -> None:
+def _bootstrap_dev_tenant(cfg: ServingConfig):
+    """On a fresh ledger, create the dev tenant so `make serve` + the SDK work with no setup."""
+    if not cfg.auth:
+        print("auth is OFF (loopback only): calls need no API key and are not metered.", flush=True)
+        return None
+    from serving.quota.bootstrap import ensure_dev_tenant
+
+    return ensure_dev_tenant(cfg)
+
+
+def _local_api_key(cfg: ServingConfig | None = None) -> str | None:
+    """$SUPERBRAIN_API_KEY, else the dev key `superbrain serve` wrote on a fresh ledger."""
+    import os
+
+    from serving.quota.bootstrap import read_dev_key
+
+    return os.environ.get("SUPERBRAIN_API_KEY") or read_dev_key(cfg or load_config())
+
+
+def _print_ready(cfg: ServingConfig, elapsed_s: float, dev_key=None) -> None:
     from serving.client import RobotClient
 
-    with RobotClient(cfg.address) as robot:
+    with RobotClient(cfg.address, api_key=_local_api_key(cfg) if cfg.auth else "") as robot:
         info = robot.describe()
     print(f"\nSuperbrain is listening on grpc://{cfg.address} (ready in {elapsed_s:.1f}s)")
     for model in info.models:
@@ -74,6 +94,11 @@ def _print_ready(cfg: ServingConfig, elapsed_s: float) -> None:
         "Stop with Ctrl-C.",
         flush=True,
     )
+    if dev_key is not None:
+        if dev_key.plaintext:
+            print(f"\nCreated tenant 'dev' with API key (shown once; also in {dev_key.path}, mode 0600):")
+            print(f"  {dev_key.plaintext}")
+        print(f"The SDK reads SUPERBRAIN_API_KEY:  export SUPERBRAIN_API_KEY=$(cat {dev_key.path})", flush=True)
 
 
 def cmd_act(args: argparse.Namespace) -> int:
@@ -82,7 +107,7 @@ def cmd_act(args: argparse.Namespace) -> int:
     from serving.client import RobotClient
 
     rng = np.random.default_rng(args.seed)
-    with RobotClient(args.target, timeout=args.timeout) as robot:
+    with RobotClient(args.target, timeout=args.timeout, api_key=_local_api_key()) as robot:
         info = robot.describe()
         specs = {e.name: e for m in info.models for e in m.embodiments}
         if args.embodiment not in specs:
@@ -115,7 +140,7 @@ def cmd_act(args: argparse.Namespace) -> int:
 def cmd_describe(args: argparse.Namespace) -> int:
     from serving.client import RobotClient
 
-    with RobotClient(args.target) as robot:
+    with RobotClient(args.target, api_key=_local_api_key()) as robot:
         print(robot.describe())
     return 0
 
@@ -174,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from serving.admin import add_admin_commands
+
+    add_admin_commands(sub)
     return parser
 
 

@@ -7,13 +7,14 @@ serve``), so every path to a running cluster reads the same fields.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "SUPERBRAIN_"
 
@@ -67,6 +68,21 @@ class ServingConfig(BaseModel):
     # On shutdown, in-flight requests get this long to finish.
     grace_period_s: float = Field(5.0, ge=0)
 
+    # Partners: API keys, quota and usage metering (docs/partners.md). Auth can
+    # be switched off only on a loopback address (the overhead benchmark does).
+    auth: bool = True
+    # Local state: the embedded SQLite ledger, usage spool files, the dev key file.
+    state_dir: str = ".superbrain"
+    # Ledger store: "sqlite:///path/ledger.db" or "postgresql://user@host/db";
+    # unset means SQLite in state_dir.
+    ledger_url: str | None = None
+    # A revoked key stops working on every replica within about this long.
+    key_refresh_s: float = Field(1.0, gt=0)
+    # Usage records reach the ledger store in batches this often.
+    usage_flush_s: float = Field(0.5, gt=0)
+    # Quota leases: a replica's slice of a tenant's tokens expires after this.
+    lease_ttl_s: float = Field(1.0, gt=0)
+
     # Ray cluster to join ("auto", "ray://..."); None starts a local one.
     ray_address: str | None = None
     app_name: str = "superbrain"
@@ -78,9 +94,38 @@ class ServingConfig(BaseModel):
             raise ValueError("policy must be 'default', 'noop' or 'module:Class'")
         return v
 
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> ServingConfig:
+        if not self.auth and not is_loopback(self.host):
+            raise ValueError(
+                f"auth is off but host {self.host!r} is not a loopback address: robots from anywhere could call "
+                "without a key. Keep auth on (the default), or bind 127.0.0.1 for local benchmarks."
+            )
+        return self
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser().resolve()
+
+    @property
+    def resolved_ledger_url(self) -> str:
+        """The ledger store URL, with the embedded SQLite default made absolute."""
+        if self.ledger_url:
+            return self.ledger_url
+        return f"sqlite:///{self.state_path / 'ledger.db'}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -13,18 +13,23 @@ from __future__ import annotations
 import logging
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from serving.config import ServingConfig
 from serving.engine import CapacityBatcher, Outcome, Pending, PolicyEngine, Submit
 from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
 from serving.policy.loader import load_policy
+from serving.quota.coordinator import ServeCoordinator
+from serving.quota.gate import AccessGate, KeyCache
+from serving.quota.leases import ReplicaQuota
+from serving.quota.spool import UsageSpool
 
 log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="PolicyReplica")
 class PolicyReplica:
-    async def __init__(self, config: dict) -> None:
+    async def __init__(self, config: dict, quota_coordinator: DeploymentHandle | None = None) -> None:
         cfg = ServingConfig.model_validate(config)
         if cfg.policy != "noop":
             import torch
@@ -44,15 +49,31 @@ class PolicyReplica:
         else:
             self.batcher = CapacityBatcher(self.engine.run_batch, cfg.max_batch_size, wait_s)
             submit = self.batcher
+        self.gate = await self._start_gate(cfg, quota_coordinator) if cfg.auth else None
         servicer = PolicyServicer(
             self.policy,
             submit,
             IngressLimits(cfg.max_queued_requests, cfg.default_timeout_s),
             max_batch_size=cfg.max_batch_size,
+            gate=self.gate,
         )
         self.frontend = GrpcFrontend(servicer, cfg.host, cfg.grpc_port, int(cfg.max_message_mb * 2**20))
         await self.frontend.start()
         log.info("replica serving %s %s on %s:%d", self.policy.name, self.policy.version, cfg.host, self.frontend.port)
+
+    @staticmethod
+    async def _start_gate(cfg: ServingConfig, coordinator: DeploymentHandle | None) -> AccessGate:
+        if coordinator is None:
+            raise ValueError("auth is on but the app has no QuotaCoordinator (build it with serving.app:build_app)")
+        url = cfg.resolved_ledger_url
+        spool = UsageSpool(cfg.state_path / "spool", url, flush_interval_s=cfg.usage_flush_s)
+        gate = AccessGate(
+            KeyCache(url, refresh_s=cfg.key_refresh_s),
+            ReplicaQuota(ServeCoordinator(coordinator, spool.replica_token)),
+            spool,
+        )
+        await gate.start()
+        return gate
 
     # Used with ``batcher: serve``; the default capacity-aware CapacityBatcher forms
     # larger batches under load (see serving.engine.CapacityBatcher).
@@ -70,3 +91,7 @@ class PolicyReplica:
         if frontend is not None:
             await frontend.stop(self.cfg.grace_period_s)
             self.engine.close()
+        # After the drain: the last calls' usage reaches the ledger, leased tokens go back.
+        gate = getattr(self, "gate", None)
+        if gate is not None:
+            await gate.close()

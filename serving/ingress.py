@@ -23,8 +23,12 @@ from serving.api import pb, pb_grpc
 from serving.engine import Outcome, Pending, Submit
 from serving.errors import RequestError, exhausted, not_found
 from serving.policy.base import Policy
+from serving.quota.gate import AccessGate, Caller
 
 log = logging.getLogger(__name__)
+
+# RetryInfo hint when a replica's admission queue is full.
+OVERLOAD_RETRY_S = 0.05
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
@@ -38,8 +42,17 @@ class IngressLimits:
 
 
 class PolicyServicer(pb_grpc.PolicyServiceServicer):
-    def __init__(self, policy: Policy, submit: Submit, limits: IngressLimits | None = None, max_batch_size: int = 0):
+    def __init__(
+        self,
+        policy: Policy,
+        submit: Submit,
+        limits: IngressLimits | None = None,
+        max_batch_size: int = 0,
+        gate: AccessGate | None = None,
+    ):
         self._policy = policy
+        # Partners' keys, quota and metering; None only where auth is off (loopback).
+        self._gate = gate
         self._embodiments = policy.embodiments
         self._submit = submit
         self._limits = limits or IngressLimits()
@@ -52,46 +65,112 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         received = time.monotonic()
         remaining = context.time_remaining()
         try:
-            outcome = await self._act(request, received, remaining, context)
+            caller = await self._authenticate(context)
+            outcome = await self._act(request, received, remaining, caller)
         except RequestError as err:
             context.set_code(err.code)
             context.set_details(err.detail)
+            if err.details:
+                context.set_trailing_metadata(err.status_trailer())
             return pb.ActResponse()
         return self._response(request, outcome, received)
 
     async def ActStream(
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ActStreamResponse]:
-        async for request in request_iterator:
-            received = time.monotonic()
+        caller = None
+        if self._gate is not None:
+            # A bad key or a full stream cap ends the stream before its first step.
             try:
-                outcome = await self._act(request, received, None, context)
+                caller = await self._authenticate(context)
+                await self._gate.open_stream(caller)
             except RequestError as err:
-                yield pb.ActStreamResponse(
-                    error=pb.StepError(
-                        code=err.code.value[0],
-                        message=err.detail,
-                        request_id=request.request_id,
-                        step=request.observation.step,
+                if err.details:
+                    context.set_trailing_metadata(err.status_trailer())
+                await context.abort(err.code, err.detail)
+        try:
+            async for request in request_iterator:
+                received = time.monotonic()
+                try:
+                    # Re-checked per step, so a revoked key stops an open stream too.
+                    step_caller = await self._authenticate(context)
+                    outcome = await self._act(request, received, None, step_caller)
+                except RequestError as err:
+                    yield pb.ActStreamResponse(
+                        error=pb.StepError(
+                            code=err.code.value[0],
+                            message=err.detail,
+                            request_id=request.request_id,
+                            step=request.observation.step,
+                            details=err.packed_details(),
+                        )
                     )
-                )
-                continue
-            yield pb.ActStreamResponse(chunk=self._response(request, outcome, received))
+                    continue
+                yield pb.ActStreamResponse(chunk=self._response(request, outcome, received))
+        finally:
+            if caller is not None and self._gate is not None:
+                await self._gate.close_stream(caller)
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        if self._gate is not None:
+            try:
+                await self._authenticate(context)
+            except RequestError as err:
+                await context.abort(err.code, err.detail)
         return self._describe
 
     # -- one observation ----------------------------------------------------
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Caller | None:
+        if self._gate is None:
+            return None
+        return await self._gate.authenticate(context.invocation_metadata())
 
     async def _act(
         self,
         request: pb.ActRequest,
         received: float,
         remaining: float | None,
-        context: grpc.aio.ServicerContext,
+        caller: Caller | None,
     ) -> Outcome:
         if self.inflight >= self._limits.max_queued_requests:
-            raise exhausted(f"server overloaded: {self.inflight} requests queued on this replica; retry with backoff")
+            raise exhausted(
+                f"server overloaded: {self.inflight} requests queued on this replica; retry with backoff",
+                retry_after_s=OVERLOAD_RETRY_S,
+            )
+        obs = request.observation
+        if caller is None:
+            return await self._run(request, received, remaining)
+        assert self._gate is not None
+        self._gate.authorize(caller, obs.model or self._policy.name)
+        await self._gate.admit(caller)
+        # Admitted: from here on exactly one usage record, whatever the outcome.
+        admitted_at = time.time()
+        outcome: Outcome | None = None
+        status = "CANCELLED"
+        try:
+            outcome = await self._run(request, received, remaining)
+            status = "OK"
+            return outcome
+        except RequestError as err:
+            status = err.code.name
+            raise
+        finally:
+            self._gate.record(
+                caller,
+                robot_id=obs.robot_id,
+                model=self._policy.name,
+                embodiment=obs.embodiment,
+                status=status,
+                batch_size=outcome.batch_size if outcome else 0,
+                compute_ms=outcome.compute_ms if outcome else 0.0,
+                queue_ms=outcome.queue_ms if outcome else 0.0,
+                received_at=admitted_at,
+                request_id=request.request_id,
+            )
+
+    async def _run(self, request: pb.ActRequest, received: float, remaining: float | None) -> Outcome:
+        """Validate, then wait for the batcher's answer for this one observation."""
         obs = request.observation
         if obs.model and obs.model != self._policy.name:
             raise not_found("observation.model", f"unknown model {obs.model!r}; served: [{self._policy.name!r}]")

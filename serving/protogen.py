@@ -24,12 +24,16 @@ GENERATED = ("superbrain_pb2.py", "superbrain_pb2.pyi", "superbrain_pb2_grpc.py"
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) and return the generated files."""
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
+    import grpc_tools  # dev dependency: only needed to regenerate
+    from grpc_tools import protoc
 
+    # The well-known types (google/protobuf/any.proto) ship inside grpcio-tools.
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "protoc",
             f"-I{PROTO_DIR}",
+            f"-I{well_known}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",

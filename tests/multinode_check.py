@@ -26,7 +26,7 @@ def main(port: int) -> None:
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
-        cfg = ServingConfig(grpc_port=port, policy="noop", num_replicas=2, replica_num_cpus=1)
+        cfg = ServingConfig(grpc_port=port, policy="noop", num_replicas=2, replica_num_cpus=1, auth=False)
         launcher.deploy(cfg)
         # Each worker node has exactly one CPU and each replica needs one, so two
         # running replicas are necessarily on two different nodes.

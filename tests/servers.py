@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Awaitable, Callable
 
 from serving.engine import CapacityBatcher, PolicyEngine
 from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
 from serving.policy.base import Policy
+from serving.quota.gate import AccessGate
 
 
 def free_port() -> int:
@@ -26,6 +28,7 @@ class IngressThread:
         wait_s: float = 0.005,
         limits: IngressLimits | None = None,
         max_message_bytes: int = 4 << 20,
+        gate: Callable[[], Awaitable[AccessGate]] | None = None,
     ):
         self.policy = policy
         self.engine = PolicyEngine(policy)
@@ -35,13 +38,16 @@ class IngressThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.frontend: GrpcFrontend | None = None
+        self._make_gate = gate
+        self.gate: AccessGate | None = None
 
     def __enter__(self) -> IngressThread:
         self.thread.start()
 
         async def start() -> GrpcFrontend:
+            self.gate = await self._make_gate() if self._make_gate else None
             servicer = PolicyServicer(
-                self.policy, self.batcher, self.limits, max_batch_size=self.batcher.max_batch_size
+                self.policy, self.batcher, self.limits, max_batch_size=self.batcher.max_batch_size, gate=self.gate
             )
             frontend = GrpcFrontend(servicer, "127.0.0.1", 0, self.max_message_bytes)
             await frontend.start()
@@ -60,8 +66,14 @@ class IngressThread:
             asyncio.run_coroutine_threadsafe(self.frontend.stop(grace_s), self.loop).result(grace_s + 10)
             self.frontend = None
 
+    def run(self, coro, timeout: float = 30):
+        """Run a coroutine on the server's loop (e.g. to inspect the gate) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if self.gate is not None:
+            self.run(self.gate.close())
         self.batcher.close()
         self.engine.close()
         self.loop.call_soon_threadsafe(self.loop.stop)

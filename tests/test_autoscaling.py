@@ -33,6 +33,7 @@ def test_autoscaling_deployment_starts_and_serves(ray_session) -> None:
         policy="noop",
         replica_num_cpus=0.5,
         app_name="autoscaled",
+        auth=False,
         autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=2, target_inflight_per_replica=8),
     )
     launcher.deploy(cfg)

@@ -334,10 +334,23 @@ def test_retries_stay_within_the_deadline(server, request):
 def test_resource_exhausted_carries_retry_after(server, robot, request):
     servicer, _ = server
     with pytest.raises(ResourceExhausted) as info:
-        robot.act(state=state(0), instruction="exhausted:1.5", embodiment="franka_arm", episode_id=ep(request))
+        robot.act(
+            state=state(0), instruction="exhausted:1.5", embodiment="franka_arm", episode_id=ep(request), timeout=1.0
+        )
     assert info.value.retry_after_s == pytest.approx(1.5)
     assert info.value.details == "server overloaded"
-    assert servicer.calls[ep(request)] == 1  # not retried
+    assert info.value.limit is None  # overload, not a quota
+    assert servicer.calls[ep(request)] == 1  # the hint does not fit in the deadline: not retried
+
+
+def test_resource_exhausted_retry_hint_is_honoured_within_the_deadline(server, robot, request):
+    servicer, _ = server
+    start = time.monotonic()
+    with pytest.raises(ResourceExhausted):
+        robot.act(state=state(0), instruction="exhausted:0.1", embodiment="franka_arm", episode_id=ep(request))
+    elapsed = time.monotonic() - start
+    assert servicer.calls[ep(request)] == FAST_RETRY.max_attempts
+    assert elapsed >= 0.1 * (FAST_RETRY.max_attempts - 1)  # waited the hint each time, no faster
 
 
 def test_resource_exhausted_without_details(robot):
@@ -543,7 +556,11 @@ def test_async_client(server, request):
                 await robot.act(state=state(0), instruction="invalid", embodiment="franka_arm")
             with pytest.raises(ResourceExhausted) as exc:
                 await robot.act(
-                    state=state(0), instruction="exhausted:0.25", embodiment="franka_arm", episode_id=name + "x"
+                    state=state(0),
+                    instruction="exhausted:0.25",
+                    embodiment="franka_arm",
+                    episode_id=name + "x",
+                    timeout=0.2,
                 )
             assert exc.value.retry_after_s == pytest.approx(0.25) and servicer.calls[name + "x"] == 1
 

@@ -170,6 +170,7 @@ def test_serves_a_checkpoint_directory(ray_session, tmp_path, reference) -> None
         replica_num_cpus=0.5,
         torch_threads=1,
         app_name="from-checkpoint",
+        auth=False,
     )
     launcher.deploy(cfg)
     try:

@@ -26,7 +26,7 @@ def _replica_actors(app: str) -> list[str]:
 
 def test_two_replicas_share_the_port_and_survive_losing_one(ray_session) -> None:
     cfg = ServingConfig(
-        grpc_port=free_port(), policy="noop", num_replicas=2, replica_num_cpus=0.5, app_name="two-replicas"
+        grpc_port=free_port(), policy="noop", num_replicas=2, replica_num_cpus=0.5, app_name="two-replicas", auth=False
     )
     launcher.deploy(cfg)
     try:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from serving.client import RobotClient
+from serving.client.errors import Unauthenticated
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +47,16 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.ray
-def test_serve_prints_address_answers_and_stops_cleanly_on_sigterm() -> None:
+def test_serve_prints_address_answers_and_stops_cleanly_on_sigterm(tmp_path) -> None:
     port = free_port()
-    env = dict(os.environ, SUPERBRAIN_GRPC_PORT=str(port), PYTHONPATH=str(ROOT), RAY_ADDRESS="")
+    env = dict(
+        os.environ,
+        SUPERBRAIN_GRPC_PORT=str(port),
+        SUPERBRAIN_STATE_DIR=str(tmp_path),
+        PYTHONPATH=str(ROOT),
+        RAY_ADDRESS="",
+    )
+    env.pop("SUPERBRAIN_API_KEY", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "serve", "--policy", "tests.policies:SlowEchoPolicy"],
         cwd=ROOT,
@@ -66,15 +74,24 @@ def test_serve_prints_address_answers_and_stops_cleanly_on_sigterm() -> None:
             if not line:
                 break
             lines.append(line)
-            if "Stop with Ctrl-C" in line:
+            if "export SUPERBRAIN_API_KEY" in line:
                 break
         out = "".join(lines)
         assert f"listening on grpc://127.0.0.1:{port}" in out, out
         assert "superbrain act" in out
+        # First run on an empty ledger: a dev tenant, its key printed once and kept in a 0600 file.
+        key_file = tmp_path / "dev-api-key"
+        assert "Created tenant 'dev'" in out
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert key in out
+        with RobotClient(f"127.0.0.1:{port}", timeout=30, api_key="") as anonymous:
+            with pytest.raises(Unauthenticated):
+                anonymous.describe()
 
         ray_processes = _descendants(proc.pid)
         assert ray_processes, "the serve command should have started a local Ray"
-        with RobotClient(f"127.0.0.1:{port}", timeout=30) as robot, ThreadPoolExecutor(1) as pool:
+        with RobotClient(f"127.0.0.1:{port}", timeout=30, api_key=key) as robot, ThreadPoolExecutor(1) as pool:
             frame = np.full((8, 8, 3), 3, np.uint8)
             inflight = pool.submit(robot.act, images={"front": frame}, state=[1, 2, 3], embodiment="arm")
             time.sleep(0.5)  # the request is now inside its 1.5 s batch

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -224,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metadata", action="append", default=[], help="key=value sent with every call (repeatable)")
     args = p.parse_args(argv)
     build(args.workload)  # before any timing
-    report = asyncio.run(
-        run_sweep(args.target, args.workload, args.concurrency, args.calls, args.warmup, parse_metadata(args.metadata))
-    )
+    metadata = parse_metadata(args.metadata)
+    api_key = os.environ.get("SUPERBRAIN_API_KEY")
+    if api_key:
+        metadata += (("authorization", f"Bearer {api_key}"),)
+    report = asyncio.run(run_sweep(args.target, args.workload, args.concurrency, args.calls, args.warmup, metadata))
     print(json.dumps(report), flush=True)
     return 0
 

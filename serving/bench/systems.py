@@ -69,6 +69,8 @@ def bench_config(system: str = "superbrain", policy: str | None = None) -> Servi
         overrides["max_batch_size"] = 1
     if system == "superbrain_serve_batch":
         overrides["batcher"] = "serve"
+    if system in ("superbrain_auth_off", "superbrain_no_ray"):
+        overrides["auth"] = False
     if "SUPERBRAIN_TORCH_THREADS" not in os.environ:
         # The limit server and the raw model use torch's default (every core); so do we.
         overrides["torch_threads"] = os.cpu_count() or 1
@@ -77,6 +79,7 @@ def bench_config(system: str = "superbrain", policy: str | None = None) -> Servi
 
 SERVER_SYSTEMS = (
     "superbrain",
+    "superbrain_auth_off",
     "superbrain_unbatched",
     "superbrain_serve_batch",
     "grpc_limit",
@@ -90,7 +93,11 @@ RAW_MODEL = "raw_model"
 ALL_SYSTEMS = (*SERVER_SYSTEMS, RAW_MODEL)
 
 DESCRIPTIONS = {
-    "superbrain": "Superbrain on Ray Serve (replica-embedded grpc.aio, CapacityBatcher; validation, admission)",
+    "superbrain": (
+        "Superbrain on Ray Serve (replica-embedded grpc.aio, CapacityBatcher; auth, quota leases, "
+        "usage metering, validation, admission)"
+    ),
+    "superbrain_auth_off": "Superbrain with auth, quota and metering off (auth=false, loopback)",
     "superbrain_unbatched": "Superbrain, max_batch_size=1",
     "superbrain_serve_batch": "Superbrain with batcher=serve (Ray Serve's @serve.batch instead of CapacityBatcher)",
     "grpc_limit": "plain grpc.aio server + asyncio batcher, policy in-process, no Ray (the limit)",
@@ -242,7 +249,7 @@ def serve_system(system: str, workload: str, policy: str | None) -> int:
         asyncio.run(_serve_limit(policy, request, stopper))
     elif system == "superbrain_no_ray":
         asyncio.run(_serve_superbrain_no_ray(policy, request, stopper))
-    elif system in ("superbrain", "superbrain_unbatched", "superbrain_serve_batch"):
+    elif system in ("superbrain", "superbrain_auth_off", "superbrain_unbatched", "superbrain_serve_batch"):
         _serve_superbrain(system, policy, request, stopper)
     elif system in SERVER_SYSTEMS:
         _serve_ray_app(system, policy, request, stopper)
@@ -304,13 +311,22 @@ def _serve_superbrain(system: str, policy: str, request: bytes, stopper: _Stoppe
     from serving import launcher
 
     cfg = bench_config(system, policy).model_copy(update={"grpc_port": free_port()})
+    metadata: tuple[tuple[str, str], ...] = ()
+    api_key = None
+    if cfg.auth:
+        # A throwaway ledger with one unlimited tenant: the full auth + quota + metering path.
+        cfg = cfg.model_copy(update={"state_dir": tempfile.mkdtemp(prefix="superbrain-bench-state-")})
+        api_key = _bench_tenant_key(cfg)
+        metadata = (("authorization", f"Bearer {api_key}"),)
     launcher.ensure_ray(None)
     try:
         launcher.deploy(cfg)
-        asyncio.run(probe(cfg.address, request, (), PROBE_TIMEOUT_S))
+        asyncio.run(probe(cfg.address, request, metadata, PROBE_TIMEOUT_S))
         _ready(
             cfg.address,
             (),
+            api_key=api_key,
+            auth=cfg.auth,
             policy=policy,
             batcher=cfg.batcher,
             max_batch_size=cfg.max_batch_size,
@@ -322,6 +338,20 @@ def _serve_superbrain(system: str, policy: str, request: bytes, stopper: _Stoppe
         launcher.undeploy(cfg)
     finally:
         launcher.shutdown()
+        if cfg.auth:
+            shutil.rmtree(cfg.state_dir, ignore_errors=True)
+
+
+def _bench_tenant_key(cfg: ServingConfig) -> str:
+    from serving.quota.keys import new_key
+    from serving.quota.model import Plan, Tenant
+    from serving.quota.store import open_store
+
+    with open_store(cfg.resolved_ledger_url) as store:
+        store.create_tenant(Tenant("bench", Plan(rate_per_s=1e9, burst=10**9, max_streams=10**6)))
+        plaintext, record = new_key("bench", label="bench")
+        store.add_key(record)
+    return plaintext
 
 
 def _serve_ray_app(system: str, policy: str, request: bytes, stopper: _Stopper) -> None:
@@ -464,6 +494,7 @@ class RunningSystem:
     module: str = "serving.bench.systems"
     target: str = ""
     metadata: list[str] = field(default_factory=list)
+    api_key: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     log_path: Path | None = None
     _proc: subprocess.Popen | None = None
@@ -513,6 +544,8 @@ class RunningSystem:
             raise RuntimeError(f"{self.system} did not start; see {self.log_path}:\n{_tail(self.log_path)}")
         self.target = ready.pop("target")
         self.metadata = ready.pop("metadata", [])
+        # Handed to the load generator through its environment, never printed.
+        self.api_key = ready.pop("api_key", None)
         self.info = ready
         self._known.update(_descendants(self._proc.pid))
         return self

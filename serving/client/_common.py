@@ -49,6 +49,10 @@ def channel_options(extra: Mapping[str, object] | None = None) -> list[tuple[str
         "grpc.min_reconnect_backoff_ms": 100,
         "grpc.max_reconnect_backoff_ms": 2_000,
         "grpc.primary_user_agent": f"superbrain-client/{_VERSION}",
+        # One client, one connection: gRPC otherwise shares a TCP connection between
+        # all channels to the same target in a process, so a fleet simulator (or a
+        # gateway) with many clients would land on a single replica behind the port.
+        "grpc.use_local_subchannel_pool": 1,
     }
     if extra:
         opts.update(extra)
@@ -70,6 +74,10 @@ def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 class RetryPolicy:
     """Retries of UNAVAILABLE with exponential backoff and jitter, all within the call's deadline.
 
+    RESOURCE_EXHAUSTED with a RetryInfo hint (a rate limit, an overloaded
+    replica) is retried after exactly that hint (plus up to 10 % jitter) when it
+    fits in the deadline (``honour_retry_info``); without a hint it is not retried.
+
     Attempt n (n >= 1) that failed with a retryable code sleeps a random time in
     ``[d/2, d]`` with ``d = min(max_backoff_s, initial_backoff_s * multiplier**(n-1))``,
     unless the attempts are used up or the sleep would leave less than
@@ -82,17 +90,25 @@ class RetryPolicy:
     multiplier: float = 2.0
     min_attempt_s: float = 0.02
     retryable: frozenset[grpc.StatusCode] = field(default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE}))
+    honour_retry_info: bool = True
 
     def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
         d = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** max(0, attempt - 1))
         r = (rng or random).random()
         return d * (0.5 + 0.5 * r)
 
-    def next_delay(self, code: grpc.StatusCode, attempt: int, remaining_s: float) -> float | None:
+    def next_delay(
+        self, code: grpc.StatusCode, attempt: int, remaining_s: float, retry_after_s: float | None = None
+    ) -> float | None:
         """Seconds to sleep before the next attempt, or None to give up."""
-        if code not in self.retryable or attempt >= self.max_attempts:
+        if attempt >= self.max_attempts:
             return None
-        delay = self.backoff_s(attempt)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s is not None and self.honour_retry_info:
+            delay = retry_after_s * (1.0 + 0.1 * random.random())
+        elif code in self.retryable:
+            delay = max(self.backoff_s(attempt), retry_after_s or 0.0)
+        else:
+            return None
         if remaining_s - delay < self.min_attempt_s:
             return None
         return delay

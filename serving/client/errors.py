@@ -17,9 +17,12 @@ Catch the subclass you can act on::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 __all__ = [
+    "QuotaViolation",
     "SuperbrainError",
     "InvalidArgument",
     "NotFound",
@@ -92,14 +95,45 @@ class NotFound(SuperbrainError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One entry of google.rpc.QuotaFailure: ``subject`` (e.g. "tenant:acme") and what was exceeded."""
+
+    subject: str
+    description: str
+
+    @property
+    def limit(self) -> str:
+        """The limit's name: "rate", "monthly_calls", "monthly_accel_ms" or "streams"."""
+        return self.description.split(":", 1)[0]
+
+
 class ResourceExhausted(SuperbrainError):
-    """The server is overloaded. ``retry_after_s`` is the server's hint (RetryInfo), if it sent one."""
+    """Over a quota (``quota_violations`` says which) or the server is overloaded.
+
+    ``retry_after_s`` is the server's RetryInfo hint; the SDK already waits that
+    long and retries when it fits in the call's deadline (RetryPolicy).
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, details: str = "", code: grpc.StatusCode | None = None, *, retry_after_s=None, **kw):
+    def __init__(
+        self,
+        details: str = "",
+        code: grpc.StatusCode | None = None,
+        *,
+        retry_after_s=None,
+        quota_violations: tuple[QuotaViolation, ...] = (),
+        **kw,
+    ):
         super().__init__(details, code, **kw)
         self.retry_after_s: float | None = retry_after_s
+        self.quota_violations = tuple(quota_violations)
+
+    @property
+    def limit(self) -> str | None:
+        """Which quota limit refused the call; None when the server was merely overloaded."""
+        return self.quota_violations[0].limit if self.quota_violations else None
 
 
 class DeadlineExceeded(SuperbrainError):
@@ -160,11 +194,19 @@ def error_for_code(
     request_id: str = "",
     step: int | None = None,
     retry_after_s: float | None = None,
+    quota_violations: tuple[QuotaViolation, ...] = (),
 ) -> SuperbrainError:
     """The typed exception for ``code`` (the base class for codes without a subclass)."""
     cls = _BY_CODE.get(code, SuperbrainError)
     if cls is ResourceExhausted:
-        return ResourceExhausted(details, code, retry_after_s=retry_after_s, request_id=request_id, step=step)
+        return ResourceExhausted(
+            details,
+            code,
+            retry_after_s=retry_after_s,
+            quota_violations=quota_violations,
+            request_id=request_id,
+            step=step,
+        )
     return cls(details, code, request_id=request_id, step=step)
 
 
@@ -172,17 +214,26 @@ def from_rpc_error(err: grpc.RpcError, *, request_id: str = "", step: int | None
     """Map a failed sync or aio call (``grpc.RpcError`` / ``AioRpcError``) to a typed exception."""
     code = _call_attr(err, "code") or grpc.StatusCode.UNKNOWN
     details = _call_attr(err, "details") or ""
-    retry_after = _retry_after_s(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-    return error_for_code(code, details, request_id=request_id, step=step, retry_after_s=retry_after)
+    retry_after, violations = None, ()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        retry_after, violations = _parse_details(_status_details(err))
+        if retry_after is None:
+            retry_after = _retry_after_header(err)
+    return error_for_code(
+        code, details, request_id=request_id, step=step, retry_after_s=retry_after, quota_violations=violations
+    )
 
 
 def from_step_error(step_error) -> SuperbrainError:
     """Map a ``pb.StepError`` (a failure of one step of an ActStream) to a typed exception."""
+    retry_after, violations = _parse_details(step_error.details)
     return error_for_code(
         status_code_from_int(step_error.code),
         step_error.message,
         request_id=step_error.request_id,
         step=step_error.step,
+        retry_after_s=retry_after,
+        quota_violations=violations,
     )
 
 
@@ -196,22 +247,37 @@ def _call_attr(err, name: str):
         return None
 
 
-def _retry_after_s(err) -> float | None:
-    """RetryInfo.retry_delay from the grpc-status-details-bin trailer, or a ``retry-after`` trailer."""
+def _status_details(err) -> list:
+    """The google.protobuf.Any details of the rich status in the grpc-status-details-bin trailer."""
     try:
-        from google.rpc import error_details_pb2
         from grpc_status import rpc_status
 
         status = rpc_status.from_call(err)
     except Exception:  # missing package, inconsistent or undecodable trailer
-        status = None
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                if detail.Unpack(info):
-                    delay = info.retry_delay
-                    return max(0.0, delay.seconds + delay.nanos / 1e9)
+        return []
+    return list(status.details) if status is not None else []
+
+
+def _parse_details(details) -> tuple[float | None, tuple[QuotaViolation, ...]]:
+    """RetryInfo delay and QuotaFailure violations from google.rpc error details."""
+    from google.rpc import error_details_pb2
+
+    retry_after: float | None = None
+    violations: list[QuotaViolation] = []
+    for detail in details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            if detail.Unpack(info):
+                retry_after = max(0.0, info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            if detail.Unpack(failure):
+                violations.extend(QuotaViolation(v.subject, v.description) for v in failure.violations)
+    return retry_after, tuple(violations)
+
+
+def _retry_after_header(err) -> float | None:
+    """A plain ``retry-after`` trailer (seconds), for servers that send no RetryInfo."""
     metadata = _call_attr(err, "trailing_metadata") or ()
     try:
         for key, value in metadata:

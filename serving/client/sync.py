@@ -213,7 +213,9 @@ class RobotClient:
                 return method(request, timeout=remaining, metadata=self._metadata), attempt
             except grpc.RpcError as err:
                 error = from_rpc_error(err, request_id=request_id)
-                delay = self.retry.next_delay(error.code, attempt, deadline - time.monotonic())
+                delay = self.retry.next_delay(
+                    error.code, attempt, deadline - time.monotonic(), getattr(error, "retry_after_s", None)
+                )
                 if delay is None or self.closed:
                     raise error from err
                 log.debug("attempt %d failed with %s; retrying in %.3f s", attempt, error.code.name, delay)
@@ -412,12 +414,15 @@ class StreamSession:
                     request_id=rid,
                     step=step,
                     retry_after_s=getattr(err, "retry_after_s", None),
+                    quota_violations=getattr(err, "quota_violations", ()),
                 )
             else:
                 if resp.WhichOneof("result") == "chunk":
                     return chunk_from_response(resp.chunk, (time.monotonic() - start) * 1e3, attempt)
                 error = from_step_error(resp.error)
-            delay = self._client.retry.next_delay(error.code, attempt, deadline - time.monotonic())
+            delay = self._client.retry.next_delay(
+                error.code, attempt, deadline - time.monotonic(), getattr(error, "retry_after_s", None)
+            )
             if delay is None or self._closed:
                 raise error
             log.debug("stream step %d failed with %s; retrying in %.3f s", step, error.code.name, delay)

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esuperbrain/v1/superbrain.proto\x12\rsuperbrain.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.superbrain.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"T\n\x05Image\x12$\n\x03raw\x18\x01 \x01(\x0b\x32\x15.superbrain.v1.TensorH\x00\x12\x0e\n\x04jpeg\x18\x02 \x01(\x0cH\x00\x12\r\n\x03png\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"\xb3\x02\n\x0bObservation\x12\x36\n\x06images\x18\x01 \x03(\x0b\x32&.superbrain.v1.Observation.ImagesEntry\x12$\n\x05state\x18\x02 \x01(\x0b\x32\x15.superbrain.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x12\n\nembodiment\x18\x04 \x01(\t\x12\x10\n\x08robot_id\x18\x05 \x01(\t\x12\x12\n\nepisode_id\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rmodel_version\x18\t \x01(\t\x1a\x43\n\x0bImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.superbrain.v1.Image:\x02\x38\x01\"Q\n\nActRequest\x12/\n\x0bobservation\x18\x01 \x01(\x0b\x32\x1a.superbrain.v1.Observation\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"Z\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xbe\x01\n\x0b\x41\x63tResponse\x12&\n\x07\x61\x63tions\x18\x01 \x01(\x0b\x32\x15.superbrain.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nembodiment\x18\x04 \x01(\t\x12+\n\x06timing\x18\x05 \x01(\x0b\x32\x1b.superbrain.v1.ServerTiming\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\x03\"L\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\"u\n\x11\x41\x63tStreamResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1a.superbrain.v1.ActResponseH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.superbrain.v1.StepErrorH\x00\x42\x08\n\x06result\"\x11\n\x0f\x44\x65scribeRequest\"9\n\nCameraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\"\xde\x01\n\x0e\x45mbodimentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x11\n\tstate_dim\x18\x03 \x01(\x05\x12\x12\n\naction_dim\x18\x04 \x01(\x05\x12*\n\x07\x63\x61meras\x18\x05 \x03(\x0b\x32\x19.superbrain.v1.CameraInfo\x12\x14\n\x0c\x63hunk_length\x18\x06 \x01(\x05\x12\x17\n\x0f\x63ontrol_rate_hz\x18\x07 \x01(\x01\x12\x12\n\naction_low\x18\x08 \x03(\x02\x12\x13\n\x0b\x61\x63tion_high\x18\t \x03(\x02\"v\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x32\n\x0b\x65mbodiments\x18\x03 \x03(\x0b\x32\x1d.superbrain.v1.EmbodimentInfo\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\"k\n\x10\x44\x65scribeResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.superbrain.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12\x16\n\x0eserver_version\x18\x03 \x01(\t*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT64\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x0b\n\x07\x46LOAT16\x10\x06\x32\xe8\x01\n\rPolicyService\x12<\n\x03\x41\x63t\x12\x19.superbrain.v1.ActRequest\x1a\x1a.superbrain.v1.ActResponse\x12L\n\tActStream\x12\x19.superbrain.v1.ActRequest\x1a .superbrain.v1.ActStreamResponse(\x01\x30\x01\x12K\n\x08\x44\x65scribe\x12\x1e.superbrain.v1.DescribeRequest\x1a\x1f.superbrain.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esuperbrain/v1/superbrain.proto\x12\rsuperbrain.v1\x1a\x19google/protobuf/any.proto\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.superbrain.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"T\n\x05Image\x12$\n\x03raw\x18\x01 \x01(\x0b\x32\x15.superbrain.v1.TensorH\x00\x12\x0e\n\x04jpeg\x18\x02 \x01(\x0cH\x00\x12\r\n\x03png\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"\xb3\x02\n\x0bObservation\x12\x36\n\x06images\x18\x01 \x03(\x0b\x32&.superbrain.v1.Observation.ImagesEntry\x12$\n\x05state\x18\x02 \x01(\x0b\x32\x15.superbrain.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x12\n\nembodiment\x18\x04 \x01(\t\x12\x10\n\x08robot_id\x18\x05 \x01(\t\x12\x12\n\nepisode_id\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12\x15\n\rmodel_version\x18\t \x01(\t\x1a\x43\n\x0bImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.superbrain.v1.Image:\x02\x38\x01\"Q\n\nActRequest\x12/\n\x0bobservation\x18\x01 \x01(\x0b\x32\x1a.superbrain.v1.Observation\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"Z\n\x0cServerTiming\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xbe\x01\n\x0b\x41\x63tResponse\x12&\n\x07\x61\x63tions\x18\x01 \x01(\x0b\x32\x15.superbrain.v1.Tensor\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nembodiment\x18\x04 \x01(\t\x12+\n\x06timing\x18\x05 \x01(\x0b\x32\x1b.superbrain.v1.ServerTiming\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\x03\"s\n\tStepError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12%\n\x07\x64\x65tails\x18\x05 \x03(\x0b\x32\x14.google.protobuf.Any\"u\n\x11\x41\x63tStreamResponse\x12+\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1a.superbrain.v1.ActResponseH\x00\x12)\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.superbrain.v1.StepErrorH\x00\x42\x08\n\x06result\"\x11\n\x0f\x44\x65scribeRequest\"9\n\nCameraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\"\xde\x01\n\x0e\x45mbodimentInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x11\n\tstate_dim\x18\x03 \x01(\x05\x12\x12\n\naction_dim\x18\x04 \x01(\x05\x12*\n\x07\x63\x61meras\x18\x05 \x03(\x0b\x32\x19.superbrain.v1.CameraInfo\x12\x14\n\x0c\x63hunk_length\x18\x06 \x01(\x05\x12\x17\n\x0f\x63ontrol_rate_hz\x18\x07 \x01(\x01\x12\x12\n\naction_low\x18\x08 \x03(\x02\x12\x13\n\x0b\x61\x63tion_high\x18\t \x03(\x02\"v\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x32\n\x0b\x65mbodiments\x18\x03 \x03(\x0b\x32\x1d.superbrain.v1.EmbodimentInfo\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\"k\n\x10\x44\x65scribeResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.superbrain.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12\x16\n\x0eserver_version\x18\x03 \x01(\t*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\x0b\n\x07\x46LOAT32\x10\x02\x12\x0b\n\x07\x46LOAT64\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x0b\n\x07\x46LOAT16\x10\x06\x32\xe8\x01\n\rPolicyService\x12<\n\x03\x41\x63t\x12\x19.superbrain.v1.ActRequest\x1a\x1a.superbrain.v1.ActResponse\x12L\n\tActStream\x12\x19.superbrain.v1.ActRequest\x1a .superbrain.v1.ActStreamResponse(\x01\x30\x01\x12K\n\x08\x44\x65scribe\x12\x1e.superbrain.v1.DescribeRequest\x1a\x1f.superbrain.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OBSERVATION_IMAGESENTRY']._loaded_options = None
   _globals['_OBSERVATION_IMAGESENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1618
-  _globals['_DTYPE']._serialized_end=1720
-  _globals['_TENSOR']._serialized_start=49
-  _globals['_TENSOR']._serialized_end=123
-  _globals['_IMAGE']._serialized_start=125
-  _globals['_IMAGE']._serialized_end=209
-  _globals['_OBSERVATION']._serialized_start=212
-  _globals['_OBSERVATION']._serialized_end=519
-  _globals['_OBSERVATION_IMAGESENTRY']._serialized_start=452
-  _globals['_OBSERVATION_IMAGESENTRY']._serialized_end=519
-  _globals['_ACTREQUEST']._serialized_start=521
-  _globals['_ACTREQUEST']._serialized_end=602
-  _globals['_SERVERTIMING']._serialized_start=604
-  _globals['_SERVERTIMING']._serialized_end=694
-  _globals['_ACTRESPONSE']._serialized_start=697
-  _globals['_ACTRESPONSE']._serialized_end=887
-  _globals['_STEPERROR']._serialized_start=889
-  _globals['_STEPERROR']._serialized_end=965
-  _globals['_ACTSTREAMRESPONSE']._serialized_start=967
-  _globals['_ACTSTREAMRESPONSE']._serialized_end=1084
-  _globals['_DESCRIBEREQUEST']._serialized_start=1086
-  _globals['_DESCRIBEREQUEST']._serialized_end=1103
-  _globals['_CAMERAINFO']._serialized_start=1105
-  _globals['_CAMERAINFO']._serialized_end=1162
-  _globals['_EMBODIMENTINFO']._serialized_start=1165
-  _globals['_EMBODIMENTINFO']._serialized_end=1387
-  _globals['_MODELINFO']._serialized_start=1389
-  _globals['_MODELINFO']._serialized_end=1507
-  _globals['_DESCRIBERESPONSE']._serialized_start=1509
-  _globals['_DESCRIBERESPONSE']._serialized_end=1616
-  _globals['_POLICYSERVICE']._serialized_start=1723
-  _globals['_POLICYSERVICE']._serialized_end=1955
+  _globals['_DTYPE']._serialized_start=1684
+  _globals['_DTYPE']._serialized_end=1786
+  _globals['_TENSOR']._serialized_start=76
+  _globals['_TENSOR']._serialized_end=150
+  _globals['_IMAGE']._serialized_start=152
+  _globals['_IMAGE']._serialized_end=236
+  _globals['_OBSERVATION']._serialized_start=239
+  _globals['_OBSERVATION']._serialized_end=546
+  _globals['_OBSERVATION_IMAGESENTRY']._serialized_start=479
+  _globals['_OBSERVATION_IMAGESENTRY']._serialized_end=546
+  _globals['_ACTREQUEST']._serialized_start=548
+  _globals['_ACTREQUEST']._serialized_end=629
+  _globals['_SERVERTIMING']._serialized_start=631
+  _globals['_SERVERTIMING']._serialized_end=721
+  _globals['_ACTRESPONSE']._serialized_start=724
+  _globals['_ACTRESPONSE']._serialized_end=914
+  _globals['_STEPERROR']._serialized_start=916
+  _globals['_STEPERROR']._serialized_end=1031
+  _globals['_ACTSTREAMRESPONSE']._serialized_start=1033
+  _globals['_ACTSTREAMRESPONSE']._serialized_end=1150
+  _globals['_DESCRIBEREQUEST']._serialized_start=1152
+  _globals['_DESCRIBEREQUEST']._serialized_end=1169
+  _globals['_CAMERAINFO']._serialized_start=1171
+  _globals['_CAMERAINFO']._serialized_end=1228
+  _globals['_EMBODIMENTINFO']._serialized_start=1231
+  _globals['_EMBODIMENTINFO']._serialized_end=1453
+  _globals['_MODELINFO']._serialized_start=1455
+  _globals['_MODELINFO']._serialized_end=1573
+  _globals['_DESCRIBERESPONSE']._serialized_start=1575
+  _globals['_DESCRIBERESPONSE']._serialized_end=1682
+  _globals['_POLICYSERVICE']._serialized_start=1789
+  _globals['_POLICYSERVICE']._serialized_end=2021
 # @@protoc_insertion_point(module_scope)

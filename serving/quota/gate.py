@@ -1,0 +1,224 @@
+"""The partner gate in front of the batcher: authenticate -> authorize -> admit -> meter.
+
+``AccessGate`` is what the ingress calls for every request when auth is on. It
+puts together the three per-replica parts: ``KeyCache`` (keys and plans,
+refreshed from the ledger store every ``refresh_s``, so a revoked key stops
+working on every replica within that time), ``ReplicaQuota`` (leased slices of
+each tenant's limits) and ``UsageSpool`` (a usage record per admitted call).
+Nothing here touches the database on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from serving.errors import RequestError, permission_denied, quota_exceeded, unauthenticated, unavailable
+from serving.quota import keys
+from serving.quota.leases import QuotaDenied, QuotaUnavailable, ReplicaQuota
+from serving.quota.model import ApiKey, Tenant, UsageRecord
+from serving.quota.spool import UsageSpool
+from serving.quota.store import LedgerStore, open_store
+
+log = logging.getLogger(__name__)
+
+FORCED_RELOAD_S = 0.25
+
+# The same message for every bad key, so a caller learns nothing about which keys exist.
+BAD_KEY = "missing, unknown or revoked API key; send 'authorization: Bearer <key>' metadata"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: the tenant (with its plan) and the public id of the key used."""
+
+    tenant: Tenant
+    key_id: str
+
+
+class KeyCache:
+    """Keys and tenants from the ledger store, held in memory and refreshed in the background."""
+
+    def __init__(
+        self,
+        ledger_url: str,
+        *,
+        refresh_s: float = 1.0,
+        store_factory: Callable[[str], LedgerStore] = open_store,
+    ):
+        self.ledger_url = ledger_url
+        self.refresh_s = refresh_s
+        self._store_factory = store_factory
+        self._keys: dict[str, ApiKey] = {}
+        self._tenants: dict[str, Tenant] = {}
+        self._loaded_at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _load(self) -> tuple[dict[str, ApiKey], dict[str, Tenant]]:
+        with self._store_factory(self.ledger_url) as store:
+            return {k.key_id: k for k in store.list_keys()}, {t.name: t for t in store.list_tenants()}
+
+    async def refresh(self) -> None:
+        """Reload now (coalesced: concurrent callers share one reload)."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.get_running_loop().create_task(self._reload())
+        task = self._refreshing
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and self._refreshing is task:
+                self._refreshing = None
+
+    async def _reload(self) -> None:
+        self._keys, self._tenants = await asyncio.to_thread(self._load)
+        self._loaded_at = time.monotonic()
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.warning("key refresh failed; serving from the last snapshot", exc_info=True)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def caller(self, token: str | None) -> Caller:
+        """The caller a bearer token belongs to, or UNAUTHENTICATED."""
+        key_id = keys.key_id_of(token) if token else None
+        if key_id is None:
+            raise unauthenticated(BAD_KEY)
+        record = self._keys.get(key_id)
+        if record is None:
+            # Maybe issued since our last refresh. Reloads are coalesced and at most
+            # every FORCED_RELOAD_S, so a flood of made-up keys cannot flood the store.
+            wait = self._loaded_at + FORCED_RELOAD_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.refresh()
+            record = self._keys.get(key_id)
+        if record is None or record.revoked or not keys.matches(token, record):  # type: ignore[arg-type]
+            raise unauthenticated(BAD_KEY)
+        tenant = self._tenants.get(record.tenant)
+        if tenant is None:
+            raise unauthenticated(BAD_KEY)
+        return Caller(tenant=tenant, key_id=key_id)
+
+
+class AccessGate:
+    """Authenticate, authorize, admit and meter; the ingress's only view of partners."""
+
+    def __init__(self, key_cache: KeyCache, quota: ReplicaQuota, spool: UsageSpool):
+        self.keys = key_cache
+        self.quota = quota
+        self.spool = spool
+
+    async def start(self) -> None:
+        await self.keys.start()
+        self.quota.start()
+        self.spool.recover_orphans()
+        self.spool.start()
+
+    async def close(self) -> None:
+        self.keys.stop()
+        try:
+            await self.quota.close()
+        finally:
+            await asyncio.to_thread(self.spool.close)
+
+    async def authenticate(self, metadata) -> Caller:
+        return await self.keys.caller(keys.bearer_token(metadata))
+
+    @staticmethod
+    def authorize(caller: Caller, model: str) -> None:
+        if not caller.tenant.plan.allows_model(model):
+            raise permission_denied("observation.model", f"model {model!r} is not in your plan")
+
+    async def admit(self, caller: Caller) -> None:
+        try:
+            await self.quota.admit(caller.tenant.name)
+        except QuotaDenied as err:
+            raise _quota_error(caller, err) from None
+        except QuotaUnavailable as err:
+            raise unavailable(f"quota service unavailable, retry: {err}") from None
+
+    async def open_stream(self, caller: Caller) -> None:
+        try:
+            await self.quota.open_stream(caller.tenant.name)
+        except QuotaDenied as err:
+            raise _quota_error(caller, err) from None
+        except QuotaUnavailable as err:
+            raise unavailable(f"quota service unavailable, retry: {err}") from None
+
+    async def close_stream(self, caller: Caller) -> None:
+        await self.quota.close_stream(caller.tenant.name)
+
+    def record(
+        self,
+        caller: Caller,
+        *,
+        robot_id: str,
+        model: str,
+        embodiment: str,
+        status: str,
+        batch_size: int,
+        compute_ms: float,
+        queue_ms: float,
+        received_at: float,
+        request_id: str,
+    ) -> None:
+        """Meter one admitted call (before its answer leaves, so none goes unbilled)."""
+        accel_ms = compute_ms / batch_size if batch_size else 0.0
+        self.spool.append(
+            UsageRecord(
+                id=self.spool.next_id(),
+                tenant=caller.tenant.name,
+                key_id=caller.key_id,
+                robot_id=robot_id,
+                model=model,
+                embodiment=embodiment,
+                status=status,
+                batch_size=batch_size,
+                accel_ms=accel_ms,
+                queue_ms=queue_ms,
+                received_at=received_at,
+                finished_at=time.time(),
+                request_id=request_id,
+            )
+        )
+        if accel_ms:
+            self.quota.charge(caller.tenant.name, accel_ms)
+
+
+_LIMIT_TEXT = {
+    "rate": "call rate",
+    "monthly_calls": "monthly call budget",
+    "monthly_accel_ms": "monthly accelerator-time budget",
+    "streams": "concurrent stream cap",
+    "unknown_tenant": "plan (not loaded yet)",
+}
+
+
+def _quota_error(caller: Caller, err: QuotaDenied) -> RequestError:
+    plan = caller.tenant.plan
+    what = _LIMIT_TEXT.get(err.limit, err.limit)
+    limits = {
+        "rate": f"{plan.rate_per_s:g} calls/s, burst {plan.burst}",
+        "monthly_calls": f"{plan.monthly_calls} calls",
+        "monthly_accel_ms": f"{plan.monthly_accel_ms} accelerator-ms",
+        "streams": f"{plan.max_streams} streams",
+    }
+    detail = f"over the {what} of tenant {caller.tenant.name!r}"
+    if err.limit in limits:
+        detail += f" ({limits[err.limit]})"
+    return quota_exceeded(f"tenant:{caller.tenant.name}", err.limit, detail, err.retry_after_s)

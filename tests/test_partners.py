@@ -1,0 +1,242 @@
+"""Partners at the front door, without Ray: keys, plans, quota errors and metering.
+
+The real ingress (grpc.aio) runs with a real AccessGate: keys and plans from a
+real ledger (SQLite and PostgreSQL), a QuotaBook in process, and a usage spool
+flushed to the same ledger. The Ray path is tests/test_partners_e2e.py.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.client import RobotClient
+from serving.client._common import NO_RETRY
+from serving.client.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from serving.quota.gate import BAD_KEY, AccessGate, KeyCache
+from serving.quota.keys import new_key
+from serving.quota.leases import LocalCoordinator, QuotaBook, ReplicaQuota
+from serving.quota.model import Plan, Tenant
+from serving.quota.spool import UsageSpool
+from serving.quota.store import open_store
+from tests.policies import ARM, EchoPolicy
+from tests.servers import IngressThread
+
+OBS = {"images": {"front": np.zeros((8, 8, 3), np.uint8)}, "state": [1.0, 2.0, 3.0], "embodiment": ARM.name}
+
+
+def add_tenant(url: str, name: str, plan: Plan) -> str:
+    with open_store(url) as store:
+        store.create_tenant(Tenant(name, plan))
+        plaintext, record = new_key(name)
+        store.add_key(record)
+    return plaintext
+
+
+class Partners:
+    """An ingress with auth on, over one ledger, and helpers to look inside."""
+
+    def __init__(self, url: str, spool_dir, refresh_s: float = 0.2):
+        self.url = url
+        self.book = QuotaBook(lease_ttl_s=1.0)
+        self.spool_dir = spool_dir
+        self.refresh_s = refresh_s
+
+    async def make_gate(self) -> AccessGate:
+        with open_store(self.url) as store:
+            self.book.set_plans({t.name: t.plan for t in store.list_tenants()})
+        gate = AccessGate(
+            KeyCache(self.url, refresh_s=self.refresh_s),
+            ReplicaQuota(LocalCoordinator(self.book, "r0")),
+            UsageSpool(self.spool_dir, self.url, flush_interval_s=0.05),
+        )
+        await gate.start()
+        return gate
+
+
+@pytest.fixture()
+def partners(ledger_url, tmp_path):
+    acme = add_tenant(ledger_url, "acme", Plan(rate_per_s=1000, burst=1000, models=("echo",), max_streams=2))
+    slow = add_tenant(ledger_url, "slowco", Plan(rate_per_s=5, burst=2))
+    other = add_tenant(ledger_url, "otherco", Plan(models=("someone-elses-model",)))
+    p = Partners(ledger_url, tmp_path / "spool")
+    with IngressThread(EchoPolicy(), gate=p.make_gate) as srv:
+        p.server = srv
+        p.keys = {"acme": acme, "slowco": slow, "otherco": other}
+        yield p
+
+
+def usage(url: str, tenant: str | None = None):
+    with open_store(url) as store:
+        return store.list_usage(tenant)
+
+
+def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["", "not-a-key", "sb_000000000000_wrongsecret", "Bearer-less"],
+)
+def test_bad_keys_are_unauthenticated_and_never_echoed(partners, key):
+    with RobotClient(partners.server.address, api_key=key, retry=NO_RETRY) as robot:
+        with pytest.raises(Unauthenticated) as info:
+            robot.act(**OBS)
+    assert info.value.details == BAD_KEY
+    if key:
+        assert key not in str(info.value)
+
+
+def test_a_right_key_id_with_a_wrong_secret_is_refused(partners):
+    real = partners.keys["acme"]
+    forged = real[: real.rindex("_") + 1] + "x" * 43
+    with RobotClient(partners.server.address, api_key=forged, retry=NO_RETRY) as robot:
+        with pytest.raises(Unauthenticated):
+            robot.act(**OBS)
+
+
+def test_describe_needs_a_key_too(partners):
+    with RobotClient(partners.server.address, api_key="", retry=NO_RETRY) as robot:
+        with pytest.raises(Unauthenticated):
+            robot.describe()
+    with RobotClient(partners.server.address, api_key=partners.keys["acme"]) as robot:
+        assert robot.describe().models[0].name == "echo"
+
+
+def test_model_outside_the_plan_is_permission_denied(partners):
+    with RobotClient(partners.server.address, api_key=partners.keys["otherco"], retry=NO_RETRY) as robot:
+        with pytest.raises(PermissionDenied) as info:
+            robot.act(**OBS)
+    assert "observation.model" in info.value.details and "echo" in info.value.details
+    assert usage(partners.url, "otherco") == []  # refused before admission: not metered
+
+
+def test_revoked_key_stops_working_within_the_refresh_interval(partners):
+    with RobotClient(partners.server.address, api_key=partners.keys["acme"], retry=NO_RETRY) as robot:
+        robot.act(**OBS)
+        key_id = partners.keys["acme"].split("_")[1]
+        with open_store(partners.url) as store:
+            store.revoke_key(key_id)
+        revoked_at = time.monotonic()
+        while True:
+            try:
+                robot.act(**OBS)
+            except Unauthenticated:
+                break
+            assert time.monotonic() - revoked_at < 3.0, "revocation did not take effect"
+            time.sleep(0.02)
+
+
+def test_a_key_issued_while_serving_works_at_once(partners):
+    key = add_tenant(partners.url, "newco", Plan())
+    partners.book.set_plans({"newco": Plan()})  # the Serve coordinator reloads plans itself
+    with RobotClient(partners.server.address, api_key=key, retry=NO_RETRY) as robot:
+        assert robot.act(**OBS).actions.shape == (ARM.chunk_length, ARM.action_dim)
+
+
+def test_over_rate_is_resource_exhausted_with_quota_failure_and_retry_info(partners):
+    time.sleep(0.5)  # buckets start empty (leases.py); let slowco's refill to its burst
+    with RobotClient(partners.server.address, api_key=partners.keys["slowco"], retry=NO_RETRY) as robot:
+        ok, errors = 0, []
+        for _ in range(20):
+            try:
+                robot.act(**OBS)
+                ok += 1
+            except ResourceExhausted as err:
+                errors.append(err)
+    assert ok >= 1 and errors
+    err = errors[0]
+    assert err.limit == "rate"
+    assert err.quota_violations[0].subject == "tenant:slowco"
+    assert "5 calls/s" in err.details
+    assert 0 < err.retry_after_s <= 1.0
+
+
+def test_sdk_waits_out_the_retry_hint_within_the_deadline(partners):
+    with RobotClient(partners.server.address, api_key=partners.keys["slowco"], timeout=5.0) as robot:
+        start = time.monotonic()
+        for _ in range(6):
+            robot.act(**OBS)  # at 5 calls/s, the SDK's honouring of RetryInfo paces us
+    assert time.monotonic() - start >= 0.5
+
+
+def test_stream_cap_and_step_errors_carry_quota_details(partners):
+    address = partners.server.address
+    obs = {"images": OBS["images"], "state": OBS["state"]}
+    with RobotClient(address, api_key=partners.keys["acme"], retry=NO_RETRY) as robot:
+        s1, s2, s3 = (robot.stream(ARM.name) for _ in range(3))
+        s1.act(**obs)
+        s2.act(**obs)
+        with pytest.raises(ResourceExhausted) as info:
+            s3.act(**obs)  # acme may hold 2 streams at once
+        assert info.value.limit == "streams"
+        s1.close()
+        time.sleep(0.2)
+        s3.act(**obs)  # a slot came free
+        s2.close()
+        s3.close()
+    time.sleep(0.5)  # let slowco's bucket refill
+    with RobotClient(address, api_key=partners.keys["slowco"], retry=NO_RETRY) as robot:
+        session = robot.stream(ARM.name)
+        errors = []
+        for _ in range(10):
+            try:
+                session.act(**obs)
+            except ResourceExhausted as err:
+                errors.append(err)
+        session.close()
+    assert errors and errors[0].limit == "rate" and errors[0].retry_after_s > 0
+
+
+def test_every_admitted_call_is_metered_once_with_its_fields(partners):
+    key = partners.keys["acme"]
+    with RobotClient(partners.server.address, api_key=key) as robot:
+        with ThreadPoolExecutor(8) as pool:
+            chunks = list(pool.map(lambda i: robot.act(**OBS, robot_id=f"bot-{i % 4}"), range(40)))
+        with pytest.raises(InvalidArgument):  # admitted, then invalid: metered with its status
+            robot.act(images=OBS["images"], state=[1.0], embodiment=ARM.name, robot_id="bot-bad")
+    records = wait_for(lambda: len(usage(partners.url, "acme")) == 41 and usage(partners.url, "acme"))
+    assert records, f"expected 41 usage records, got {len(usage(partners.url, 'acme'))}"
+    assert len({r.id for r in records}) == 41
+    ok = [r for r in records if r.status == "OK"]
+    assert len(ok) == 40
+    assert {r.request_id for r in ok} == {c.request_id for c in chunks}
+    assert {r.robot_id for r in ok} == {"bot-0", "bot-1", "bot-2", "bot-3"}
+    r = ok[0]
+    assert r.key_id == key.split("_")[1] and r.model == "echo" and r.embodiment == ARM.name
+    assert r.batch_size >= 1 and r.accel_ms >= 0 and r.finished_at >= r.received_at
+    bad = [r for r in records if r.status != "OK"]
+    assert [b.status for b in bad] == ["INVALID_ARGUMENT"] and bad[0].robot_id == "bot-bad"
+    # No secret ever reaches the ledger.
+    assert key.split("_", 2)[2] not in repr(records)
+
+
+def test_auth_off_is_refused_on_a_public_address():
+    from pydantic import ValidationError
+
+    from serving.config import ServingConfig
+
+    with pytest.raises(ValidationError, match="auth is off"):
+        ServingConfig(host="0.0.0.0", auth=False)
+    ServingConfig(host="127.0.0.1", auth=False)
+    ServingConfig(host="0.0.0.0")  # auth on by default
+
+
+def test_raw_grpc_gets_unauthenticated_status(partners):
+    from serving.api import pb, pb_grpc
+
+    with grpc.insecure_channel(partners.server.address) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.PolicyServiceStub(ch).Act(pb.ActRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
