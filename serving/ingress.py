@@ -124,7 +124,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> Caller | None:
         if self._gate is None:
             return None
-        return await self._gate.authenticate(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        return self._gate.cached_caller(metadata) or await self._gate.authenticate(metadata)
 
     async def _act(
         self,
@@ -143,7 +144,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             return await self._run(request, received, remaining)
         assert self._gate is not None
         self._gate.authorize(caller, obs.model or self._policy.name)
-        await self._gate.admit(caller)
+        if not self._gate.try_admit(caller):
+            await self._gate.admit(caller)
         # Admitted: from here on exactly one usage record, whatever the outcome.
         admitted_at = time.time()
         outcome: Outcome | None = None

@@ -69,6 +69,9 @@ class QuotaCoordinator:
     async def snapshot(self) -> dict[str, dict[str, float]]:
         return self.book.snapshot()
 
+    async def exchanges(self) -> int:
+        return self.book.exchanges
+
 
 class ServeCoordinator:
     """``leases.Coordinator`` over a Serve handle, with a timeout so a stuck call cannot hang robots."""

@@ -117,6 +117,7 @@ class QuotaBook:
         self._wall = wall
         self._tenants: dict[str, _TenantBook] = {}
         self._month = month_bounds(wall())
+        self.exchanges = 0  # lease exchanges served (a replica's calls per second show up here)
 
     # -- configuration from the store ------------------------------------------
 
@@ -149,6 +150,7 @@ class QuotaBook:
     def exchange(self, replica: str, reports: dict[str, TenantReport]) -> dict[str, Grant]:
         now = self._clock()
         self._roll_month()
+        self.exchanges += 1
         return {tenant: self._exchange_one(replica, tenant, report, now) for tenant, report in reports.items()}
 
     def _exchange_one(self, replica: str, tenant: str, report: TenantReport, now: float) -> Grant:
@@ -357,6 +359,14 @@ class ReplicaQuota:
         return s
 
     # -- hot path -------------------------------------------------------------
+
+    def try_take(self, tenant: str) -> bool:
+        """The synchronous fast path: a token from the slice, if it has one."""
+        s = self._slice(tenant)
+        if self._take(s):
+            s.attempts += 1
+            return True
+        return False
 
     async def admit(self, tenant: str) -> None:
         """Take one token for ``tenant``, or raise QuotaDenied / QuotaUnavailable."""

@@ -122,6 +122,24 @@ class UsageRecord:
     def from_json(cls, d: dict[str, Any]) -> UsageRecord:
         return cls(**d)
 
+    def to_row(self) -> tuple[Any, ...]:
+        """The fields in declaration order: the spool's compact line format (asdict is ~5x slower)."""
+        return (
+            self.id,
+            self.tenant,
+            self.key_id,
+            self.robot_id,
+            self.model,
+            self.embodiment,
+            self.status,
+            self.batch_size,
+            self.accel_ms,
+            self.queue_ms,
+            self.received_at,
+            self.finished_at,
+            self.request_id,
+        )
+
 
 @dataclass(frozen=True)
 class ReportRow:

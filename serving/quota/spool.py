@@ -2,9 +2,12 @@
 
 Each admitted call's UsageRecord is appended to this replica's spool file (one
 ``write(2)``, so it is in the kernel's page cache, and survives the replica
-being killed) BEFORE its response is sent. A flusher thread moves new records
-to the ledger store in batches (every ``flush_interval_s``), idempotently: a
-record's ``id`` is its primary key, so replaying a spool inserts nothing twice.
+being killed) BEFORE its response is sent, and kept in memory as a row. A
+flusher thread hands those rows to the ledger store in batches (every
+``flush_interval_s``), idempotently: a record's ``id`` is its primary key, so
+replaying a spool inserts nothing twice. The flusher never re-reads or parses
+its own file (that per-record Python work, on a thread sharing the GIL with the
+request loop, cost ~8% of W1 throughput); the file is only read back after a crash.
 
 A replica holds an exclusive ``flock`` on its own spool file while it lives. At
 start (and periodically) every replica looks for spool files in the same
@@ -20,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
+import io
 import logging
+import marshal
 import os
 import secrets
 import threading
@@ -34,20 +38,27 @@ from serving.quota.store import LedgerStore, open_store
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".usage.jsonl"
+SUFFIX = ".usage.spool"
 
 
-def _parse_lines(data: bytes) -> tuple[list[UsageRecord], int]:
-    """Complete lines of ``data`` as records, and how many bytes they took."""
-    end = data.rfind(b"\n") + 1
+def _parse_rows(data: bytes) -> list[UsageRecord]:
+    """The complete records in a spool file's bytes (a torn last record is ignored).
+
+    Records are ``marshal``-ed tuples of plain str/int/float (UsageRecord.to_row):
+    10x cheaper to write than JSON on the request path. marshal is only ever
+    used for this replica-local, 0600 file that we wrote ourselves; nothing
+    received from the network is ever unmarshalled.
+    """
     records = []
-    for line in data[:end].splitlines():
-        if line.strip():
-            try:
-                records.append(UsageRecord.from_json(json.loads(line)))
-            except (ValueError, TypeError):
-                log.error("skipping a corrupt usage spool line (%d bytes)", len(line))
-    return records, end
+    buf = io.BytesIO(data)
+    while buf.tell() < len(data):
+        try:
+            row = marshal.load(buf)
+            records.append(UsageRecord(*row))
+        except (EOFError, ValueError, TypeError):
+            log.error("usage spool: stopping at an unreadable record at byte %d of %d", buf.tell(), len(data))
+            break
+    return records
 
 
 class UsageSpool:
@@ -70,10 +81,12 @@ class UsageSpool:
         self._store_factory = store_factory
         self.replica_token = secrets.token_hex(6)
         self._seq = 0
-        self._lock = threading.Lock()  # guards the write fd against rotation
+        self._lock = threading.Lock()  # guards fd, pending rows and offsets
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._flushed_offset = 0
+        self._pending: list[tuple] = []  # rows written to the file, not yet in the store
+        self._written = 0  # bytes in the current file
+        self._flushed_offset = 0  # bytes of it whose rows are in the store
         self.flushed = 0  # records this replica inserted (new rows)
         self.recovered = 0  # rows inserted from orphaned spools
         self._open_new_file()
@@ -86,9 +99,15 @@ class UsageSpool:
         return f"{self.replica_token}-{self._seq}"
 
     def append(self, record: UsageRecord) -> None:
-        line = (json.dumps(record.to_json(), separators=(",", ":")) + "\n").encode()
+        self.append_row(record.to_row())
+
+    def append_row(self, row: tuple) -> None:
+        """Append one record given as a row in UsageRecord field order (the hot path)."""
+        line = marshal.dumps(row)
         with self._lock:
             os.write(self._fd, line)
+            self._pending.append(row)
+            self._written += len(line)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -104,7 +123,7 @@ class UsageSpool:
         store = self._store_factory(self.ledger_url)
         try:
             self._flush(store)
-            if self._flushed_offset == os.fstat(self._fd).st_size:
+            if self._flushed_offset == self._written:
                 self._path.unlink(missing_ok=True)
         finally:
             store.close()
@@ -116,7 +135,7 @@ class UsageSpool:
         path = self.directory / f"{self.replica_token}-{time.time_ns()}{SUFFIX}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._path, self._fd, self._flushed_offset = path, fd, 0
+        self._path, self._fd, self._written, self._flushed_offset = path, fd, 0, 0
 
     def _run(self) -> None:
         store: LedgerStore | None = None
@@ -140,20 +159,24 @@ class UsageSpool:
             store.close()
 
     def _flush(self, store: LedgerStore) -> None:
-        with open(self._path, "rb") as f:
-            f.seek(self._flushed_offset)
-            data = f.read()
-        records, used = _parse_lines(data)
-        if records:
-            self.flushed += store.insert_usage(records)
-        self._flushed_offset += used
-        if self._flushed_offset >= self.rotate_bytes:
+        with self._lock:
+            rows, self._pending = self._pending, []
+            offset = self._written
+        try:
+            if rows:
+                self.flushed += store.insert_usage_rows(rows)
+        except BaseException:
+            with self._lock:
+                self._pending[:0] = rows  # keep order; retried at the next tick
+            raise
+        self._flushed_offset = offset
+        if offset >= self.rotate_bytes:
             self._rotate()
 
     def _rotate(self) -> None:
         """Start a new spool file once the old one is fully flushed, and delete the old one."""
         with self._lock:
-            if self._flushed_offset != os.fstat(self._fd).st_size:
+            if self._flushed_offset != self._written:
                 return
             old_path, old_fd = self._path, self._fd
             self._open_new_file()
@@ -187,7 +210,7 @@ class UsageSpool:
             except BlockingIOError:
                 return 0  # its replica is alive
             with os.fdopen(os.dup(fd), "rb") as f:
-                records, _ = _parse_lines(f.read())
+                records = _parse_rows(f.read())
             inserted = store.insert_usage(records) if records else 0
             path.unlink(missing_ok=True)
             if records:
