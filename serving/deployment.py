@@ -19,7 +19,7 @@ from serving.config import ServingConfig
 from serving.engine import CapacityBatcher, Outcome, Pending, PolicyEngine, Submit
 from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
 from serving.policy.loader import load_policy
-from serving.quota.coordinator import ServeCoordinator
+from serving.quota.coordinator import ActorCoordinator
 from serving.quota.gate import AccessGate, KeyCache
 from serving.quota.leases import ReplicaQuota
 from serving.quota.spool import UsageSpool
@@ -30,6 +30,8 @@ log = logging.getLogger("ray.serve")
 @serve.deployment(name="PolicyReplica")
 class PolicyReplica:
     async def __init__(self, config: dict, quota_coordinator: DeploymentHandle | None = None) -> None:
+        # ``quota_coordinator`` only puts the coordinator into this app's graph (so it
+        # deploys and goes with the app); calls go to its actor (serving.quota.coordinator).
         cfg = ServingConfig.model_validate(config)
         if cfg.policy != "noop":
             import torch
@@ -69,7 +71,7 @@ class PolicyReplica:
         spool = UsageSpool(cfg.state_path / "spool", url, flush_interval_s=cfg.usage_flush_s)
         gate = AccessGate(
             KeyCache(url, refresh_s=cfg.key_refresh_s),
-            ReplicaQuota(ServeCoordinator(coordinator, spool.replica_token)),
+            ReplicaQuota(ActorCoordinator(serve.get_replica_context().app_name, spool.replica_token)),
             spool,
         )
         await gate.start()

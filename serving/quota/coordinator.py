@@ -1,10 +1,17 @@
-"""The quota coordinator as a Ray Serve deployment, and the replicas' client for it.
+"""The quota coordinator: one Ray actor holding every tenant's buckets, and the replicas' client for it.
 
-One coordinator replica owns every tenant's buckets (``QuotaBook``); ingress
-replicas reach it through a Serve handle only to renew their leases, a few
-times a second per replica, never per request. Plans are reloaded from the
-ledger store every ``refresh_s``; this month's metered usage is read at start so
-budgets survive restarts.
+``QuotaBookActor`` owns the ``QuotaBook``. Plans are reloaded from the ledger
+store every ``refresh_s``, and this month's metered usage is read at start, so
+budgets survive restarts. Ingress replicas call it only to renew their leases,
+a few times a second per replica, never per request.
+
+Why two layers: the ``QuotaCoordinator`` Serve deployment gives the actor its
+lifecycle (deployed, health-checked, restarted and deleted with the app, by
+import path like the rest). Replicas, however, call the plain actor by name,
+not through a Serve DeploymentHandle: a handle starts Serve's router machinery
+in every replica, and on W1 that alone cost ~15-20 % of throughput
+(docs/benchmarks.md). A restarted coordinator is a new actor with a new epoch,
+which the lease protocol already handles (serving.quota.leases).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import logging
 import time
 
+import ray
 from ray import serve
 
 from serving.quota.leases import Grant, QuotaBook, TenantReport, month_bounds
@@ -20,9 +28,15 @@ from serving.quota.store import open_store
 
 log = logging.getLogger("ray.serve")
 
+NAMESPACE = "superbrain"
 
-@serve.deployment(name="QuotaCoordinator", num_replicas=1, max_ongoing_requests=4096, health_check_period_s=5.0)
-class QuotaCoordinator:
+
+def actor_name(app_name: str) -> str:
+    return f"quota-coordinator::{app_name}"
+
+
+@ray.remote(num_cpus=0, max_concurrency=1000)
+class QuotaBookActor:
     async def __init__(self, ledger_url: str, lease_ttl_s: float = 1.0, refresh_s: float = 2.0) -> None:
         self.ledger_url = ledger_url
         self.refresh_s = refresh_s
@@ -30,7 +44,6 @@ class QuotaCoordinator:
         await asyncio.to_thread(self._load, True)
         self._last_load = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
-        log.info("quota coordinator up (epoch %s)", self.book.epoch)
 
     def _load(self, with_usage: bool) -> None:
         with open_store(self.ledger_url) as store:
@@ -66,26 +79,55 @@ class QuotaCoordinator:
     async def close_stream(self, replica: str, tenant: str) -> None:
         self.book.close_stream(replica, tenant)
 
-    async def snapshot(self) -> dict[str, dict[str, float]]:
-        return self.book.snapshot()
-
-    async def exchanges(self) -> int:
-        return self.book.exchanges
+    async def stats(self) -> dict:
+        return {"epoch": self.book.epoch, "exchanges": self.book.exchanges, "tenants": self.book.snapshot()}
 
 
-class ServeCoordinator:
-    """``leases.Coordinator`` over a Serve handle, with a timeout so a stuck call cannot hang robots."""
+@serve.deployment(name="QuotaCoordinator", num_replicas=1, health_check_period_s=5.0)
+class QuotaCoordinator:
+    """Owns the QuotaBookActor's lifetime: it lives and dies with this Serve replica."""
 
-    def __init__(self, handle, replica: str, timeout_s: float = 2.0):
-        self.handle = handle
+    async def __init__(self, ledger_url: str, lease_ttl_s: float = 1.0, refresh_s: float = 2.0) -> None:
+        name = actor_name(serve.get_replica_context().app_name)
+        self.actor = QuotaBookActor.options(name=name, namespace=NAMESPACE).remote(ledger_url, lease_ttl_s, refresh_s)
+        stats = await self.actor.stats.remote()
+        log.info("quota coordinator %s up (epoch %s)", name, stats["epoch"])
+
+    async def check_health(self) -> None:
+        await asyncio.wait_for(self.actor.stats.remote(), 10.0)
+
+    async def stats(self) -> dict:
+        return await self.actor.stats.remote()
+
+
+class ActorCoordinator:
+    """``leases.Coordinator`` over the named actor, with a timeout so a stuck call cannot hang robots."""
+
+    def __init__(self, app_name: str, replica: str, timeout_s: float = 2.0):
+        self.name = actor_name(app_name)
         self.replica = replica
         self.timeout_s = timeout_s
+        self._actor = None
+
+    def _handle(self):
+        # Looked up lazily and again after a failure: the coordinator may start after
+        # this replica, or be restarted (as a new actor under the same name).
+        if self._actor is None:
+            self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
+        return self._actor
+
+    async def _call(self, method: str, *args):
+        try:
+            return await asyncio.wait_for(getattr(self._handle(), method).remote(self.replica, *args), self.timeout_s)
+        except Exception:
+            self._actor = None
+            raise
 
     async def exchange(self, reports: dict[str, TenantReport]) -> dict[str, Grant]:
-        return await asyncio.wait_for(self.handle.exchange.remote(self.replica, reports), self.timeout_s)
+        return await self._call("exchange", reports)
 
     async def open_stream(self, tenant: str) -> Grant:
-        return await asyncio.wait_for(self.handle.open_stream.remote(self.replica, tenant), self.timeout_s)
+        return await self._call("open_stream", tenant)
 
     async def close_stream(self, tenant: str) -> None:
-        await asyncio.wait_for(self.handle.close_stream.remote(self.replica, tenant), self.timeout_s)
+        await self._call("close_stream", tenant)
