@@ -134,14 +134,21 @@ def _run_harness(
     if running.api_key:
         env[API_KEY_ENV] = running.api_key  # not on the command line, where `ps` would show it
     err_path = log_dir / f"harness-{running.system}.log"
+    cpu_before = running.cpu_seconds()
     with open(err_path, "w") as err:
         out = subprocess.run(
             cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=HARNESS_TIMEOUT_S, check=False, env=env
         )
+    cpu_s = running.cpu_seconds() - cpu_before
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"harness failed (rc {out.returncode}); see {err_path}")
-    return json.loads(lines[-1])
+    report = json.loads(lines[-1])
+    # Server-side CPU per call (warm-up calls included): steadier than req/s on a
+    # shared 2-core machine, where the load generator competes for the same cores.
+    calls_made = sum(lv["calls"] + warmup * lv["concurrency"] for lv in report["levels"])
+    report["server_cpu_us_per_call"] = round(cpu_s / max(1, calls_made) * 1e6, 1)
+    return report
 
 
 def _summarise_sweep(report: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +164,7 @@ def _summarise_sweep(report: dict[str, Any]) -> dict[str, Any]:
         "latency_at_concurrency": first["concurrency"],
         "errors": sum(lv["errors"] for lv in levels),
         "sweep": {str(lv["concurrency"]): {k: v for k, v in lv.items() if k != "concurrency"} for lv in levels},
+        "server_cpu_us_per_call": report.get("server_cpu_us_per_call"),
     }
 
 
@@ -202,6 +210,12 @@ def compute_ratios(workload: str, systems: dict[str, dict[str, Any]], levels: li
         ):
             if ok(systems.get(name)):
                 out[f"ratio_vs_{name}"] = _ratio(sb["rps"], systems[name]["rps"])
+        off = systems.get("superbrain_auth_off")
+        if ok(off) and sb.get("server_cpu_us_per_call") and off.get("server_cpu_us_per_call"):
+            # > 1: what auth + quota + metering add to the server's CPU per call.
+            out["cpu_per_call_vs_superbrain_auth_off"] = _ratio(
+                sb["server_cpu_us_per_call"], off["server_cpu_us_per_call"]
+            )
     return out
 
 

@@ -501,6 +501,20 @@ class RunningSystem:
     _known: dict[int, int] = field(default_factory=dict)
     _env: dict[str, str] = field(default_factory=dict)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every live process of this system (Ray's included)."""
+        if self._proc is not None:
+            self._known.update(_descendants(self._proc.pid))
+        total = 0
+        if self._proc is not None:
+            fields = _stat_fields(self._proc.pid)
+            total += int(fields[11]) + int(fields[12]) if fields else 0
+        for pid, started in self._known.items():
+            fields = _stat_fields(pid)
+            if fields and int(fields[19]) == started:
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
     def __enter__(self) -> RunningSystem:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"{self.system}.log"

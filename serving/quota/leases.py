@@ -351,6 +351,7 @@ class ReplicaQuota:
         self._last_sync = clock()
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
+        self.waits = 0  # admissions that had to wait for an exchange (the slice was empty)
 
     def _slice(self, tenant: str) -> _Slice:
         s = self._slices.get(tenant)
@@ -378,6 +379,7 @@ class ReplicaQuota:
         if now < s.deny_until:
             raise QuotaDenied(tenant, s.deny_limit, s.deny_until - now)
         s.waiting += 1
+        self.waits += 1
         failures = self.failures
         try:
             for _ in range(2):  # an exchange already in flight may not have asked for us
