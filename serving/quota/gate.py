@@ -11,9 +11,10 @@ Nothing here touches the database on the request path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from serving.errors import RequestError, permission_denied, quota_exceeded, unauthenticated, unavailable
@@ -165,20 +166,12 @@ class AccessGate:
             raise permission_denied("observation.model", f"model {model!r} is not in your plan")
 
     async def admit(self, caller: Caller) -> None:
-        try:
+        with _as_request_errors(caller):
             await self.quota.admit(caller.tenant.name)
-        except QuotaDenied as err:
-            raise _quota_error(caller, err) from None
-        except QuotaUnavailable as err:
-            raise unavailable(f"quota service unavailable, retry: {err}") from None
 
     async def open_stream(self, caller: Caller) -> None:
-        try:
+        with _as_request_errors(caller):
             await self.quota.open_stream(caller.tenant.name)
-        except QuotaDenied as err:
-            raise _quota_error(caller, err) from None
-        except QuotaUnavailable as err:
-            raise unavailable(f"quota service unavailable, retry: {err}") from None
 
     async def close_stream(self, caller: Caller) -> None:
         await self.quota.close_stream(caller.tenant.name)
@@ -229,6 +222,17 @@ _LIMIT_TEXT = {
     "streams": "concurrent stream cap",
     "unknown_tenant": "plan (not loaded yet)",
 }
+
+
+@contextlib.contextmanager
+def _as_request_errors(caller: Caller) -> Iterator[None]:
+    """Quota refusals as the statuses robots get: RESOURCE_EXHAUSTED (with details) or UNAVAILABLE."""
+    try:
+        yield
+    except QuotaDenied as err:
+        raise _quota_error(caller, err) from None
+    except QuotaUnavailable as err:
+        raise unavailable(f"quota service unavailable, retry: {err}") from None
 
 
 def _quota_error(caller: Caller, err: QuotaDenied) -> RequestError:
