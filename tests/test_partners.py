@@ -146,7 +146,7 @@ def test_a_key_issued_while_serving_works_at_once(partners):
 
 
 def test_over_rate_is_resource_exhausted_with_quota_failure_and_retry_info(partners):
-    time.sleep(0.5)  # buckets start empty (leases.py); let slowco's refill to its burst
+    time.sleep(0.5)  # buckets start nearly empty (leases.py): let slowco's refill to its burst
     with RobotClient(partners.server.address, api_key=partners.keys["slowco"], retry=NO_RETRY) as robot:
         ok, errors = 0, []
         for _ in range(20):

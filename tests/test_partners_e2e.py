@@ -18,7 +18,7 @@ import ray
 from serving import launcher
 from serving.client import RobotClient
 from serving.client._common import NO_RETRY
-from serving.client.errors import ResourceExhausted, SuperbrainError
+from serving.client.errors import PermissionDenied, ResourceExhausted, SuperbrainError, Unauthenticated
 from serving.config import ServingConfig
 from serving.quota.model import Plan
 from serving.quota.store import open_store
@@ -74,7 +74,7 @@ def test_two_replicas_hold_one_tenant_to_its_limit(ray_session, ledger_url, tmp_
     key = issue_tenant_key(ledger_url, "hammer", plan)
     cfg = deploy(ledger_url, tmp_path, "quota-hammer")
     try:
-        time.sleep(plan.burst / plan.rate_per_s)  # buckets start empty: let this one fill
+        time.sleep(plan.burst / plan.rate_per_s)  # buckets start nearly empty: let this one fill
         ok: list[str] = []
         denied = Counter()
         stop = threading.Event()
@@ -164,3 +164,38 @@ def test_usage_survives_a_replica_kill_and_a_restart_exactly_once(ray_session, l
         assert all(r.status == "OK" for r in rows)
     finally:
         launcher.undeploy(cfg)
+
+
+def test_partner_errors_and_revocation_on_the_real_app(superbrain) -> None:
+    """The session app (auth on): plan checks, a monthly budget and revocation, through Ray Serve."""
+    url = superbrain.resolved_ledger_url
+    obs = {**GO2, "embodiment": "unitree_go2"}
+
+    narrow = issue_tenant_key(url, "narrowco", Plan(models=("someone-elses-model",)))
+    with RobotClient(superbrain.address, api_key=narrow, retry=NO_RETRY, timeout=10) as robot:
+        with pytest.raises(PermissionDenied) as denied:
+            robot.act(**obs)
+    assert "observation.model" in denied.value.details
+
+    budget = issue_tenant_key(url, "budgetco", Plan(rate_per_s=1000, burst=1000, monthly_calls=5))
+    with RobotClient(superbrain.address, api_key=budget, retry=NO_RETRY, timeout=10) as robot:
+        answered = 0
+        with pytest.raises(ResourceExhausted) as over:
+            for _ in range(10):
+                robot.act(**obs)
+                answered += 1
+    assert answered == 5 and over.value.limit == "monthly_calls"
+    assert over.value.retry_after_s >= 1.0  # at the next UTC month
+
+    key = issue_tenant_key(url, "revokeco", Plan())
+    # Default retries: a new tenant's bucket refills from one token, and the SDK waits out RetryInfo.
+    with RobotClient(superbrain.address, api_key=key, timeout=10) as robot:
+        robot.act(**obs)  # a brand-new tenant's first call goes through
+        with open_store(url) as store:
+            store.revoke_key(key.split("_")[1])
+        revoked_at = time.monotonic()
+        with pytest.raises(Unauthenticated):
+            while time.monotonic() - revoked_at < 5.0:
+                robot.act(**obs)
+                time.sleep(0.05)
+    assert time.monotonic() - revoked_at < 3.0, "revocation must reach the replica within a few seconds"

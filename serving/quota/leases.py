@@ -17,9 +17,10 @@ admits at most ``burst + rate_per_s * T`` calls, however many replicas there
 are. Leases expire after ``lease_ttl_s``: a replica never spends a token past
 its expiry (measured from when it asked, so before the coordinator's own
 expiry), and the coordinator reclaims slices of replicas that went silent.
-A restarted coordinator has a new ``epoch`` and starts with empty buckets;
-replicas drop tokens from an older epoch as soon as they hear the new one, so a
-restart does not add a burst either. Monthly call budgets hold the same way
+A restarted coordinator has a new ``epoch`` and starts every bucket with a
+single token (so a tenant's first call is not refused); replicas drop tokens
+from an older epoch as soon as they hear the new one, so a restart adds at most
+one call, not a burst. Monthly call budgets hold the same way
 (leased tokens count against them); accelerator-time budgets are charged after
 the fact, so they can overshoot by what is leased out when the budget runs out.
 """
@@ -90,7 +91,7 @@ class _Lease:
 @dataclass
 class _TenantBook:
     plan: Plan
-    tokens: float = 0.0  # starts empty: see "A restarted coordinator" above
+    tokens: float = 1.0  # one token, not a full burst: see "A restarted coordinator" above
     refilled: float = 0.0
     calls_used: int = 0  # this month, metered + reported
     accel_ms_used: float = 0.0
