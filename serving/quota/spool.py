@@ -1,36 +1,36 @@
 """Usage metering without a database write per request: a local spool, flushed in batches.
 
-Each admitted call's UsageRecord is appended to this replica's spool file (one
-``write(2)``, so it is in the kernel's page cache, and survives the replica
-being killed) BEFORE its response is sent, and kept in memory as a row. A
-flusher thread hands those rows to the ledger store in batches (every
-``flush_interval_s``), idempotently: a record's ``id`` is its primary key, so
-replaying a spool inserts nothing twice. The flusher never re-reads or parses
-its own file (that per-record Python work, on a thread sharing the GIL with the
-request loop, cost ~8% of W1 throughput); the file is only read back after a crash.
+Each admitted call's usage row is copied into this replica's spool segment, a
+file mapped shared into memory, BEFORE its response is sent: the bytes are in
+the kernel's page cache at once (no system call per request) and survive the
+replica being killed. The row is also kept in memory, and a flusher thread
+hands those rows to the ledger store in batches (every ``flush_interval_s``),
+idempotently: a record's ``id`` is its primary key, so replaying a spool
+inserts nothing twice. Segments are only read back after a crash.
 
-A replica holds an exclusive ``flock`` on its own spool file while it lives. At
-start (and periodically) every replica looks for spool files in the same
+A replica holds an exclusive ``flock`` on its own segments while it lives. At
+start (and periodically) every replica looks for spool segments in the same
 directory whose lock it can take: their owner has died, so it replays them
 into the store and deletes them. Hence: every answered call is metered, none
-twice, across replica kills and server restarts (tests/test_metering.py). What
-is NOT covered is losing the machine itself between the write and the next
-flush (the page cache is not fsynced); put ``state_dir`` on a volume that
-outlives the pod, and the flush interval bounds what a node crash can lose.
+twice, across replica kills and server restarts (tests/test_partners_e2e.py,
+tests/test_spool.py). What is NOT covered is losing the machine itself before
+the kernel writes the pages back (nothing is fsynced); put ``state_dir`` on a
+volume that outlives the pod.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import logging
 import marshal
+import mmap
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from serving.quota.model import UsageRecord
@@ -41,28 +41,52 @@ log = logging.getLogger(__name__)
 SUFFIX = ".usage.spool"
 
 
-def _parse_rows(data: bytes) -> list[UsageRecord]:
-    """The complete records in a spool file's bytes (a torn last record is ignored).
+_LEN = 4  # little-endian length prefix of each record; a zero length ends a segment
 
-    Records are ``marshal``-ed tuples of plain str/int/float (UsageRecord.to_row):
-    10x cheaper to write than JSON on the request path. marshal is only ever
-    used for this replica-local, 0600 file that we wrote ourselves; nothing
-    received from the network is ever unmarshalled.
+
+def _parse_rows(data: bytes | mmap.mmap) -> list[UsageRecord]:
+    """The complete records in a spool segment (a torn last record is ignored).
+
+    A record is a 4-byte length and a ``marshal``-ed tuple of plain str/int/float
+    (UsageRecord.to_row): 10x cheaper than JSON on the request path. marshal is
+    only ever used for this replica-local, 0600 file that we wrote ourselves;
+    nothing received from the network is ever unmarshalled.
     """
     records = []
-    buf = io.BytesIO(data)
-    while buf.tell() < len(data):
-        try:
-            row = marshal.load(buf)
-            records.append(UsageRecord(*row))
-        except (EOFError, ValueError, TypeError):
-            log.error("usage spool: stopping at an unreadable record at byte %d of %d", buf.tell(), len(data))
+    pos, size = 0, len(data)
+    while pos + _LEN <= size:
+        n = int.from_bytes(data[pos : pos + _LEN], "little")
+        if n == 0 or pos + _LEN + n > size:
             break
+        try:
+            records.append(UsageRecord(*marshal.loads(data[pos + _LEN : pos + _LEN + n])))
+        except (EOFError, ValueError, TypeError):
+            log.error("usage spool: stopping at an unreadable record at byte %d of %d", pos, size)
+            break
+        pos += _LEN + n
     return records
 
 
+@dataclass
+class _Segment:
+    """One spool file, mapped shared: a record copied into it is in the page cache at once."""
+
+    path: Path
+    fd: int
+    mm: mmap.mmap
+    rows_before: int  # records appended to earlier segments
+    rows: int = 0
+    pos: int = 0
+
+    def close(self, unlink: bool) -> None:
+        self.mm.close()
+        os.close(self.fd)
+        if unlink:
+            self.path.unlink(missing_ok=True)
+
+
 class UsageSpool:
-    """This replica's spool file plus the thread that flushes it (and orphans) to the ledger."""
+    """This replica's spool segments plus the thread that flushes them (and orphans) to the ledger."""
 
     def __init__(
         self,
@@ -70,26 +94,27 @@ class UsageSpool:
         ledger_url: str,
         *,
         flush_interval_s: float = 0.5,
-        rotate_bytes: int = 8 << 20,
+        segment_bytes: int = 16 << 20,
         store_factory: Callable[[str], LedgerStore] = open_store,
     ):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ledger_url = ledger_url
         self.flush_interval_s = flush_interval_s
-        self.rotate_bytes = rotate_bytes
+        self.segment_bytes = segment_bytes
         self._store_factory = store_factory
         self.replica_token = secrets.token_hex(6)
         self._seq = 0
-        self._lock = threading.Lock()  # guards fd, pending rows and offsets
+        self._lock = threading.Lock()  # guards the segments, pending rows and counters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pending: list[tuple] = []  # rows written to the file, not yet in the store
-        self._written = 0  # bytes in the current file
-        self._flushed_offset = 0  # bytes of it whose rows are in the store
+        self._pending: list[tuple] = []  # rows in the spool, not yet in the store
+        self._appended = 0  # rows appended, ever
+        self._stored = 0  # rows handed to the store, ever
+        self._sealed: list[_Segment] = []  # full segments, deleted once their rows are stored
         self.flushed = 0  # records this replica inserted (new rows)
         self.recovered = 0  # rows inserted from orphaned spools
-        self._open_new_file()
+        self._segment = self._new_segment()
 
     # -- hot path -------------------------------------------------------------
 
@@ -102,12 +127,21 @@ class UsageSpool:
         self.append_row(record.to_row())
 
     def append_row(self, row: tuple) -> None:
-        """Append one record given as a row in UsageRecord field order (the hot path)."""
-        line = marshal.dumps(row)
+        """Append one record given as a row in UsageRecord field order (the hot path: no syscall)."""
+        data = marshal.dumps(row)
+        n = len(data)
         with self._lock:
-            os.write(self._fd, line)
+            seg = self._segment
+            if seg.pos + _LEN + n + _LEN > self.segment_bytes:
+                self._sealed.append(seg)
+                seg = self._segment = self._new_segment()
+            end = seg.pos + _LEN + n
+            seg.mm[seg.pos + _LEN : end] = data
+            seg.mm[seg.pos : seg.pos + _LEN] = n.to_bytes(_LEN, "little")  # written last: commits it
+            seg.pos = end
+            seg.rows += 1
             self._pending.append(row)
-            self._written += len(line)
+            self._appended += 1
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -116,26 +150,29 @@ class UsageSpool:
         self._thread.start()
 
     def close(self) -> None:
-        """Final flush; the spool file is deleted once everything in it is in the store."""
+        """Final flush; spool segments are deleted once everything in them is in the store."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         store = self._store_factory(self.ledger_url)
         try:
             self._flush(store)
-            if self._flushed_offset == self._written:
-                self._path.unlink(missing_ok=True)
         finally:
             store.close()
-            os.close(self._fd)
+            with self._lock:
+                done = self._stored == self._appended
+                for seg in [*self._sealed, self._segment]:
+                    seg.close(unlink=done)
+                self._sealed = []
 
     # -- flushing -----------------------------------------------------------------
 
-    def _open_new_file(self) -> None:
+    def _new_segment(self) -> _Segment:
         path = self.directory / f"{self.replica_token}-{time.time_ns()}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._path, self._fd, self._written, self._flushed_offset = path, fd, 0, 0
+        os.ftruncate(fd, self.segment_bytes)
+        return _Segment(path, fd, mmap.mmap(fd, self.segment_bytes), rows_before=self._appended)
 
     def _run(self) -> None:
         store: LedgerStore | None = None
@@ -161,7 +198,6 @@ class UsageSpool:
     def _flush(self, store: LedgerStore) -> None:
         with self._lock:
             rows, self._pending = self._pending, []
-            offset = self._written
         try:
             if rows:
                 self.flushed += store.insert_usage_rows(rows)
@@ -169,32 +205,28 @@ class UsageSpool:
             with self._lock:
                 self._pending[:0] = rows  # keep order; retried at the next tick
             raise
-        self._flushed_offset = offset
-        if offset >= self.rotate_bytes:
-            self._rotate()
-
-    def _rotate(self) -> None:
-        """Start a new spool file once the old one is fully flushed, and delete the old one."""
         with self._lock:
-            if self._flushed_offset != self._written:
-                return
-            old_path, old_fd = self._path, self._fd
-            self._open_new_file()
-        old_path.unlink(missing_ok=True)
-        os.close(old_fd)
+            self._stored += len(rows)
+            # A full segment goes once every row in it is in the store.
+            done = [seg for seg in self._sealed if self._stored >= seg.rows_before + seg.rows]
+            self._sealed = [seg for seg in self._sealed if seg not in done]
+        for seg in done:
+            seg.close(unlink=True)
 
     def recover_orphans(self, store: LedgerStore | None = None) -> int:
         """Replay spool files whose owner died into the store, then delete them."""
-        own = store is None
+        own_store = store is None
         store = store or self._store_factory(self.ledger_url)
         inserted = 0
+        with self._lock:
+            own = {seg.path for seg in [*self._sealed, self._segment]}
         try:
             for path in sorted(self.directory.glob(f"*{SUFFIX}")):
-                if path == self._path:
+                if path in own:
                     continue
                 inserted += self._recover_one(store, path)
         finally:
-            if own:
+            if own_store:
                 store.close()
         self.recovered += inserted
         return inserted
@@ -209,8 +241,12 @@ class UsageSpool:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return 0  # its replica is alive
-            with os.fdopen(os.dup(fd), "rb") as f:
-                records = _parse_rows(f.read())
+            size = os.fstat(fd).st_size
+            if size:
+                with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+                    records = _parse_rows(mm)
+            else:
+                records = []
             inserted = store.insert_usage(records) if records else 0
             path.unlink(missing_ok=True)
             if records:
