@@ -351,6 +351,7 @@ class ReplicaQuota:
         self._exchanges = 0
         self._last_sync = clock()
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self.failures = 0
         self.waits = 0  # admissions that had to wait for an exchange (the slice was empty)
 
@@ -410,7 +411,7 @@ class ReplicaQuota:
         s.tokens -= 1
         s.used += 1
         if s.tokens <= s.low_water and self._inflight is None:
-            self._inflight_task()
+            self._start_exchange()  # prefetch in the background
         return True
 
     def charge(self, tenant: str, accel_ms: float) -> None:
@@ -446,21 +447,29 @@ class ReplicaQuota:
 
     # -- exchanges ----------------------------------------------------------------
 
-    def _inflight_task(self) -> None:
-        asyncio.get_running_loop().create_task(self._sync())
+    def _start_exchange(self) -> asyncio.Future[None]:
+        """Start an exchange now; marked in flight at once, so callers in this same
+        loop iteration share it instead of each starting one."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._inflight = fut
+
+        async def run() -> None:
+            try:
+                await self._do_exchange()
+            finally:
+                self._inflight = None
+                fut.set_result(None)
+
+        task = loop.create_task(run())
+        self._running.add(task)  # a strong reference until it is done (asyncio keeps only weak ones)
+        task.add_done_callback(self._running.discard)
+        return fut
 
     async def _sync(self) -> None:
         """Run one exchange, or wait for the one in flight."""
-        if self._inflight is not None:
-            await asyncio.shield(self._inflight)
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inflight = fut
-        try:
-            await self._do_exchange()
-        finally:
-            self._inflight = None
-            fut.set_result(None)
+        fut = self._inflight if self._inflight is not None else self._start_exchange()
+        await asyncio.shield(fut)
 
     async def _do_exchange(self) -> None:
         sent = self._clock()
