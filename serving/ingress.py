@@ -88,12 +88,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 if err.details:
                     context.set_trailing_metadata(err.status_trailer())
                 await context.abort(err.code, err.detail)
+        metadata = context.invocation_metadata()  # fixed for the stream's life
         try:
             async for request in request_iterator:
                 received = time.monotonic()
                 try:
                     # Re-checked per step, so a revoked key stops an open stream too.
-                    step_caller = await self._authenticate(context)
+                    step_caller = await self._authenticate(context, metadata)
                     outcome = await self._act(request, received, None, step_caller)
                 except RequestError as err:
                     yield pb.ActStreamResponse(
@@ -121,10 +122,11 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
 
     # -- one observation ----------------------------------------------------
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> Caller | None:
+    async def _authenticate(self, context: grpc.aio.ServicerContext, metadata=None) -> Caller | None:
         if self._gate is None:
             return None
-        metadata = context.invocation_metadata()
+        if metadata is None:
+            metadata = context.invocation_metadata()
         return self._gate.cached_caller(metadata) or await self._gate.authenticate(metadata)
 
     async def _act(
