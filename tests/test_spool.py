@@ -115,3 +115,10 @@ def test_a_torn_last_record_is_ignored(url, tmp_path):
     other = UsageSpool(tmp_path, url)
     assert other.recover_orphans() == 3
     other.close()
+
+
+def test_rows_round_trip_in_field_order(tmp_path):
+    spool = UsageSpool(tmp_path, "sqlite:///" + str(tmp_path / "unused.db"))
+    record = UsageRecord(*row(spool, 7))
+    assert UsageRecord(*record.to_row()) == record
+    spool.close()

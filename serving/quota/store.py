@@ -12,6 +12,7 @@ column types and the bulk insert.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from abc import ABC, abstractmethod
@@ -156,41 +157,10 @@ SCHEMA = (
 # Created last, in the same transaction as the rest: if it exists, the schema is complete.
 SCHEMA_SENTINEL = "usage_records_tenant_received"
 
-USAGE_COLUMNS = (
-    "id",
-    "tenant",
-    "key_id",
-    "robot_id",
-    "model",
-    "embodiment",
-    "status",
-    "batch_size",
-    "accel_ms",
-    "queue_ms",
-    "received_at",
-    "finished_at",
-    "request_id",
-)
+# Columns in UsageRecord field order: the order of UsageRecord.to_row and of spool rows.
+USAGE_COLUMNS = tuple(f.name for f in dataclasses.fields(UsageRecord))
 USAGE_COLS = ", ".join(USAGE_COLUMNS)
 KEY_COLS = "key_id, tenant, secret_hash, label, created_at, revoked_at"
-
-
-def usage_row(r: UsageRecord) -> tuple[Any, ...]:
-    return (
-        r.id,
-        r.tenant,
-        r.key_id,
-        r.robot_id,
-        r.model,
-        r.embodiment,
-        r.status,
-        int(r.batch_size),
-        float(r.accel_ms),
-        float(r.queue_ms),
-        float(r.received_at),
-        float(r.finished_at),
-        r.request_id,
-    )
 
 
 def _usage(row: Sequence[Any]) -> UsageRecord:
@@ -372,7 +342,7 @@ class SqlLedgerStore(ABC):
         Rows go in sorted by id, so concurrent writers with overlapping batches
         take row locks in the same order (no deadlock on PostgreSQL).
         """
-        return self.insert_usage_rows([usage_row(r) for r in records])
+        return self.insert_usage_rows([r.to_row() for r in records])
 
     def insert_usage_rows(self, rows: Sequence[tuple[Any, ...]]) -> int:
         """``insert_usage`` for rows already in UsageRecord field order (``UsageRecord.to_row``).
