@@ -23,6 +23,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch_size": args.max_batch_size,
         "ray_address": args.ray_address,
         "device": args.device,
+        "metrics_port": args.metrics_port,
     }
 
 
@@ -91,7 +92,12 @@ def _print_ready(cfg: ServingConfig, elapsed_s: float, dev_key=None) -> None:
         '  python -c "from serving.client import RobotClient; '
         f"print(RobotClient('{cfg.address}').describe())\"\n"
         f"  grpcurl -plaintext {cfg.address} list          # reflection is on\n"
-        "Stop with Ctrl-C.",
+        + (
+            f"Metrics (Prometheus): http://{cfg.metrics_bind_host}:{cfg.metrics_port}/metrics\n"
+            if cfg.metrics_port
+            else ""
+        )
+        + "Stop with Ctrl-C.",
         flush=True,
     )
     if dev_key is not None:
@@ -153,6 +159,32 @@ def cmd_export_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    """A node's endpoint without replicas (a GPU node's accelerators, or a sidecar); it runs until stopped."""
+    from serving.metrics import NodeEndpoint
+
+    overrides = {"metrics_port": args.metrics_port, "metrics_host": args.metrics_host, "state_dir": args.state_dir}
+    cfg = load_config(args.config, overrides)
+    if not cfg.metrics_port:
+        print("metrics_port is 0: nothing to serve", file=sys.stderr)
+        return 2
+    endpoint = NodeEndpoint(cfg.state_path / "metrics", cfg.metrics_bind_host, cfg.metrics_port)
+    endpoint.start()
+    if not endpoint.holding:
+        endpoint.close()
+        print(
+            f"{cfg.metrics_bind_host}:{cfg.metrics_port} is taken (a replica on this node serves it?)", file=sys.stderr
+        )
+        return 1
+    print(f"serving metrics on http://{cfg.metrics_bind_host}:{cfg.metrics_port}/metrics", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    endpoint.close()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from serving.bench.runner import main as bench_main
 
@@ -173,7 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--device", help="torch device for the policy (default cpu)")
     serve.add_argument("--ray-address", help="join an existing Ray cluster (e.g. 'auto')")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus endpoint per node (env SUPERBRAIN_METRICS_PORT, default 8080; 0: off)",
+    )
     serve.set_defaults(func=cmd_serve)
+
+    exporter = sub.add_parser(
+        "exporter",
+        help="serve this node's metrics endpoint by itself (accelerators, and replicas' metrics if any)",
+    )
+    exporter.add_argument("--config", help="YAML file with ServingConfig fields (env: SUPERBRAIN_CONFIG)")
+    exporter.add_argument("--metrics-port", type=int, help="env SUPERBRAIN_METRICS_PORT, default 8080")
+    exporter.add_argument("--metrics-host", help="bind address (default: the serving host, 127.0.0.1)")
+    exporter.add_argument("--state-dir", help="where replicas on this node keep their state (metrics/ inside)")
+    exporter.set_defaults(func=cmd_exporter)
 
     act = sub.add_parser("act", help="send one observation (random frames and state) and print the chunk")
     act.add_argument("--target", default="127.0.0.1:9000")

@@ -83,6 +83,17 @@ class ServingConfig(BaseModel):
     # Quota leases: a replica's slice of a tenant's tokens expires after this.
     lease_ttl_s: float = Field(1.0, gt=0)
 
+    # Ops (docs/operations.md). One Prometheus endpoint per node on this port
+    # (0: none), serving every process's superbrain_* metrics, the accelerators'
+    # and Ray's own; metrics_host defaults to ``host``.
+    metrics_port: int = Field(8080, ge=0, le=65535)
+    metrics_host: str | None = None
+    # Ray's node metrics (ray_serve_* and others) on the same endpoint.
+    metrics_include_ray: bool = True
+    # One JSON line per request: "file" (state_dir/logs/access-<pid>.jsonl),
+    # "stdout", "stderr" or "off".
+    access_log: Literal["file", "stdout", "stderr", "off"] = "file"
+
     # Ray cluster to join ("auto", "ray://..."); None starts a local one.
     ray_address: str | None = None
     app_name: str = "superbrain"
@@ -110,6 +121,10 @@ class ServingConfig(BaseModel):
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser().resolve()
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.host
 
     @property
     def resolved_ledger_url(self) -> str:

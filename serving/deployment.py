@@ -11,10 +11,13 @@ own gRPC proxy costs ~10x throughput on these machines.
 from __future__ import annotations
 
 import logging
+import time
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving import metrics as m
+from serving.access_log import open_access_log
 from serving.config import ServingConfig
 from serving.engine import CapacityBatcher, Outcome, Pending, PolicyEngine, Submit
 from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
@@ -39,8 +42,10 @@ class PolicyReplica:
             # Ray sets OMP_NUM_THREADS from num_cpus, rounding fractions down to 1.
             torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.replica_num_cpus)))
         self.cfg = cfg
+        load_started = time.monotonic()
         self.policy = load_policy(cfg.policy, cfg.model_dir, seed=cfg.seed)
         self.policy.setup(cfg.device)
+        load_s = time.monotonic() - load_started
         self.engine = PolicyEngine(self.policy)
         wait_s = cfg.batch_wait_timeout_ms / 1e3
         submit: Submit
@@ -52,15 +57,18 @@ class PolicyReplica:
             self.batcher = CapacityBatcher(self.engine.run_batch, cfg.max_batch_size, wait_s)
             submit = self.batcher
         self.gate = await self._start_gate(cfg, quota_coordinator) if cfg.auth else None
+        self.access_log = open_access_log(cfg.access_log, cfg.state_path)
         servicer = PolicyServicer(
             self.policy,
             submit,
             IngressLimits(cfg.max_queued_requests, cfg.default_timeout_s),
             max_batch_size=cfg.max_batch_size,
             gate=self.gate,
+            access_log=self.access_log,
         )
         self.frontend = GrpcFrontend(servicer, cfg.host, cfg.grpc_port, int(cfg.max_message_mb * 2**20))
         await self.frontend.start()
+        self.telemetry = self._start_telemetry(cfg, servicer, load_s)
         log.info("replica serving %s %s on %s:%d", self.policy.name, self.policy.version, cfg.host, self.frontend.port)
 
     @staticmethod
@@ -76,6 +84,28 @@ class PolicyReplica:
         )
         await gate.start()
         return gate
+
+    def _start_telemetry(self, cfg: ServingConfig, servicer: PolicyServicer, load_s: float) -> m.ProcessTelemetry:
+        telemetry = m.ProcessTelemetry(
+            cfg.state_path / "metrics", cfg.metrics_bind_host, cfg.metrics_port, include_ray=cfg.metrics_include_ray
+        )
+        model = (self.policy.name,)
+        version = (self.policy.name, self.policy.version)
+        min_replicas = cfg.autoscaling.min_replicas if cfg.autoscaling else cfg.num_replicas
+        batcher = getattr(self, "batcher", None)
+
+        def replica_values():
+            yield m.REPLICAS, version, 1.0
+            yield m.REPLICAS_MIN, model, float(min_replicas)
+            yield m.MODEL_LOAD_SECONDS, version, load_s
+            yield m.INFLIGHT, model, float(servicer.inflight)
+            if batcher is not None:  # @serve.batch keeps its queue to itself
+                yield m.QUEUE_DEPTH, model, float(batcher.queued)
+
+        telemetry.add_source(replica_values)
+        if self.gate is not None:
+            telemetry.add_source(self.gate.spool.metric_values)
+        return telemetry
 
     # Used with ``batcher: serve``; the default capacity-aware CapacityBatcher forms
     # larger batches under load (see serving.engine.CapacityBatcher).
@@ -97,3 +127,7 @@ class PolicyReplica:
         gate = getattr(self, "gate", None)
         if gate is not None:
             await gate.close()
+        for part in ("access_log", "telemetry"):  # last: they count the drained calls too
+            closer = getattr(self, part, None)
+            if closer is not None:
+                closer.close()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from serving import metrics as m
 from serving.errors import RequestError, deadline_exceeded
 from serving.policy.base import Policy, PolicyObservation
 
@@ -59,6 +60,7 @@ class PolicyEngine:
 
     def __init__(self, policy: Policy, *, offload: bool | None = None):
         self.policy = policy
+        self._model_label = (policy.name,)
         # Compute-bound policies run on one dedicated thread so the event loop keeps
         # accepting requests (and forming the next batch) while a forward pass runs.
         self._offload = getattr(policy, "compute_bound", True) if offload is None else offload
@@ -70,8 +72,11 @@ class PolicyEngine:
         start = time.monotonic()
         outcomes: list[Outcome] = [Outcome() for _ in items]
         live: list[int] = []
+        label = self._model_label
         for i, item in enumerate(items):
-            outcomes[i].queue_ms = (start - item.received) * 1e3
+            queued_s = start - item.received
+            outcomes[i].queue_ms = queued_s * 1e3
+            m.METRICS.observe(m.QUEUE_DURATION, label, queued_s)
             if item.cancelled or item.deadline <= start:
                 outcomes[i].error = deadline_exceeded()
             else:
@@ -85,7 +90,10 @@ class PolicyEngine:
             results = await loop.run_in_executor(self._executor, self._infer_isolated, observations)
         else:
             results = self._infer_isolated(observations)
-        compute_ms = (time.monotonic() - start) * 1e3
+        compute_s = time.monotonic() - start
+        compute_ms = compute_s * 1e3
+        m.METRICS.observe(m.COMPUTE_DURATION, label, compute_s)
+        m.METRICS.observe(m.BATCH_SIZE, label, len(live))
         for i, result in zip(live, results, strict=True):
             out = outcomes[i]
             out.compute_ms, out.batch_size = compute_ms, len(live)

@@ -9,6 +9,7 @@ batch.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving import __version__, codec
+from serving import metrics as m
+from serving.access_log import AccessLog
 from serving.api import pb, pb_grpc
 from serving.engine import Outcome, Pending, Submit
 from serving.errors import RequestError, exhausted, not_found
@@ -49,8 +52,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         limits: IngressLimits | None = None,
         max_batch_size: int = 0,
         gate: AccessGate | None = None,
+        access_log: AccessLog | None = None,
     ):
         self._policy = policy
+        self._access_log = access_log
         # Partners' keys, quota and metering; None only where auth is off (loopback).
         self._gate = gate
         self._embodiments = policy.embodiments
@@ -58,12 +63,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         self._limits = limits or IngressLimits()
         self.inflight = 0
         self._describe = describe_policy(policy, max_batch_size)
+        self._model_label = (policy.name,)
 
     # -- RPCs ---------------------------------------------------------------
 
     async def Act(self, request: pb.ActRequest, context: grpc.aio.ServicerContext) -> pb.ActResponse:
         received = time.monotonic()
         remaining = context.time_remaining()
+        caller = None
         try:
             caller = await self._authenticate(context)
             outcome = await self._act(request, received, remaining, caller)
@@ -72,8 +79,14 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
             context.set_details(err.detail)
             if err.details:
                 context.set_trailing_metadata(err.status_trailer())
+            self._finished(request, caller, err.code.name, received, None)
             return pb.ActResponse()
-        return self._response(request, outcome, received)
+        except BaseException as exc:  # the caller went away, or a bug (grpc answers UNKNOWN)
+            self._finished(request, caller, _unexpected_code(exc), received, None)
+            raise
+        response = self._response(request, outcome, received)
+        self._finished(request, caller, "OK", received, outcome)
+        return response
 
     async def ActStream(
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
@@ -92,11 +105,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         try:
             async for request in request_iterator:
                 received = time.monotonic()
+                step_caller = None
                 try:
                     # Re-checked per step, so a revoked key stops an open stream too.
                     step_caller = await self._authenticate(context, metadata)
                     outcome = await self._act(request, received, None, step_caller)
                 except RequestError as err:
+                    self._finished(request, step_caller, err.code.name, received, None)
                     yield pb.ActStreamResponse(
                         error=pb.StepError(
                             code=err.code.value[0],
@@ -107,7 +122,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                         )
                     )
                     continue
-                yield pb.ActStreamResponse(chunk=self._response(request, outcome, received))
+                chunk = self._response(request, outcome, received)
+                self._finished(request, step_caller, "OK", received, outcome)
+                yield pb.ActStreamResponse(chunk=chunk)
         finally:
             if caller is not None and self._gate is not None:
                 await self._gate.close_stream(caller)
@@ -137,6 +154,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         caller: Caller | None,
     ) -> Outcome:
         if self.inflight >= self._limits.max_queued_requests:
+            m.METRICS.inc(m.OVERLOAD_REJECTIONS, self._model_label)
             raise exhausted(
                 f"server overloaded: {self.inflight} requests queued on this replica; retry with backoff",
                 retry_after_s=OVERLOAD_RETRY_S,
@@ -183,7 +201,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 "observation.model_version",
                 f"model {self._policy.name!r} has version {self._policy.version!r}, not {obs.model_version!r}",
             )
+        started = time.monotonic()
         decoded = codec.decode_observation(obs, self._embodiments)
+        m.METRICS.observe(m.PREPROCESS_DURATION, self._model_label, time.monotonic() - started)
         if remaining is None or remaining > 1e9:
             remaining = self._limits.default_timeout_s
         pending = Pending(observation=decoded, deadline=received + remaining, received=received)
@@ -199,6 +219,28 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         if outcome.error is not None:
             raise outcome.error
         return outcome
+
+    def _finished(
+        self, request: pb.ActRequest, caller: Caller | None, code: str, received: float, outcome: Outcome | None
+    ) -> None:
+        """Count and log one finished request (tuple appends: no I/O on the request path)."""
+        latency_s = time.monotonic() - received
+        if caller is not None:
+            tenant, key_id = caller.tenant.name, caller.key_id
+        else:
+            tenant, key_id = (m.NO_TENANT if self._gate is None else m.UNKNOWN_TENANT), ""
+        embodiment = request.observation.embodiment
+        # A label takes only served embodiments: a robot sending made-up names must
+        # not grow the number of time series.
+        label = embodiment if embodiment in self._embodiments else "other"
+        name = self._policy.name
+        m.METRICS.inc(m.REQUESTS, (name, self._policy.version, label, tenant, code))
+        m.METRICS.observe(m.REQUEST_DURATION, (name, tenant), latency_s)
+        if self._access_log is not None:
+            queue_ms, batch_size = (outcome.queue_ms, outcome.batch_size) if outcome else (0.0, 0)
+            self._access_log.record(
+                request.request_id, tenant, key_id, name, embodiment, code, latency_s, queue_ms, batch_size
+            )
 
     def _response(self, request: pb.ActRequest, outcome: Outcome, received: float) -> pb.ActResponse:
         resp = pb.ActResponse(
@@ -216,6 +258,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         t.batch_size = outcome.batch_size
         t.total_ms = (time.monotonic() - received) * 1e3
         return resp
+
+
+def _unexpected_code(exc: BaseException) -> str:
+    return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
 
 
 def describe_policy(policy: Policy, max_batch_size: int = 0) -> pb.DescribeResponse:

@@ -7,6 +7,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable
 
+from serving.access_log import AccessLog
 from serving.engine import CapacityBatcher, PolicyEngine
 from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
 from serving.policy.base import Policy
@@ -29,7 +30,9 @@ class IngressThread:
         limits: IngressLimits | None = None,
         max_message_bytes: int = 4 << 20,
         gate: Callable[[], Awaitable[AccessGate]] | None = None,
+        access_log: AccessLog | None = None,
     ):
+        self.access_log = access_log
         self.policy = policy
         self.engine = PolicyEngine(policy)
         self.batcher = CapacityBatcher(self.engine.run_batch, max_batch_size, wait_s)
@@ -47,7 +50,12 @@ class IngressThread:
         async def start() -> GrpcFrontend:
             self.gate = await self._make_gate() if self._make_gate else None
             servicer = PolicyServicer(
-                self.policy, self.batcher, self.limits, max_batch_size=self.batcher.max_batch_size, gate=self.gate
+                self.policy,
+                self.batcher,
+                self.limits,
+                max_batch_size=self.batcher.max_batch_size,
+                gate=self.gate,
+                access_log=self.access_log,
             )
             frontend = GrpcFrontend(servicer, "127.0.0.1", 0, self.max_message_bytes)
             await frontend.start()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from serving import metrics as m
 from serving.errors import RequestError, permission_denied, quota_exceeded, unauthenticated, unavailable
 from serving.quota import keys
 from serving.quota.leases import QuotaDenied, QuotaUnavailable, ReplicaQuota
@@ -213,6 +214,7 @@ class AccessGate:
         )
         if accel_ms:
             self.quota.charge(tenant, accel_ms)
+            m.METRICS.inc(m.TENANT_ACCEL_SECONDS, (tenant, model), accel_ms / 1e3)
 
 
 _LIMIT_TEXT = {
@@ -230,8 +232,10 @@ def _as_request_errors(caller: Caller) -> Iterator[None]:
     try:
         yield
     except QuotaDenied as err:
+        m.METRICS.inc(m.QUOTA_REJECTIONS, (caller.tenant.name, err.limit))
         raise _quota_error(caller, err) from None
     except QuotaUnavailable as err:
+        m.METRICS.inc(m.QUOTA_REJECTIONS, (caller.tenant.name, "unavailable"))
         raise unavailable(f"quota service unavailable, retry: {err}") from None
 
 

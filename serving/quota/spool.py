@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving import metrics as m
 from serving.quota.model import UsageRecord
 from serving.quota.store import LedgerStore, open_store
 
@@ -114,6 +115,7 @@ class UsageSpool:
         self._sealed: list[_Segment] = []  # full segments, deleted once their rows are stored
         self.flushed = 0  # records this replica inserted (new rows)
         self.recovered = 0  # rows inserted from orphaned spools
+        self.flush_failures = 0
         self._segment = self._new_segment()
 
     # -- hot path -------------------------------------------------------------
@@ -142,6 +144,20 @@ class UsageSpool:
             seg.rows += 1
             self._pending.append(row)
             self._appended += 1
+
+    def metric_values(self) -> list[tuple[m.MetricDef, tuple[str, ...], float]]:
+        """How far the ledger lags behind this replica (read by the metrics snapshot)."""
+        pending = self._pending
+        try:
+            oldest = time.time() - pending[0][10] if pending else 0.0  # received_at of the oldest row
+        except IndexError:  # flushed meanwhile
+            oldest = 0.0
+        return [
+            (m.USAGE_PENDING, (), float(self._appended - self._stored)),
+            (m.USAGE_OLDEST_PENDING, (), max(0.0, oldest)),
+            (m.USAGE_FLUSH_FAILURES, (), float(self.flush_failures)),
+            (m.USAGE_STORED, (), float(self._stored + self.recovered)),
+        ]
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -187,6 +203,7 @@ class UsageSpool:
                     last_recovery = time.monotonic()
             except Exception:
                 # The store is down or busy: records stay in the spool; try again next tick.
+                self.flush_failures += 1
                 log.warning("usage flush failed; will retry", exc_info=True)
                 if store is not None:
                     with contextlib.suppress(Exception):
