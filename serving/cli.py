@@ -168,7 +168,13 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     if not cfg.metrics_port:
         print("metrics_port is 0: nothing to serve", file=sys.stderr)
         return 2
-    endpoint = NodeEndpoint(cfg.state_path / "metrics", cfg.metrics_bind_host, cfg.metrics_port)
+    ray_url = args.ray_metrics_url
+    endpoint = NodeEndpoint(
+        cfg.state_path / "metrics",
+        cfg.metrics_bind_host,
+        cfg.metrics_port,
+        ray_metrics_url=(lambda: ray_url) if ray_url else None,
+    )
     endpoint.start()
     if not endpoint.holding:
         endpoint.close()
@@ -220,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--metrics-port", type=int, help="env SUPERBRAIN_METRICS_PORT, default 8080")
     exporter.add_argument("--metrics-host", help="bind address (default: the serving host, 127.0.0.1)")
     exporter.add_argument("--state-dir", help="where replicas on this node keep their state (metrics/ inside)")
+    exporter.add_argument(
+        "--ray-metrics-url", help="also serve this node's Ray metrics, e.g. http://127.0.0.1:8090/metrics"
+    )
     exporter.set_defaults(func=cmd_exporter)
 
     act = sub.add_parser("act", help="send one observation (random frames and state) and print the chunk")

@@ -103,6 +103,8 @@ class PolicyReplica:
                 yield m.QUEUE_DEPTH, model, float(batcher.queued)
 
         telemetry.add_source(replica_values)
+        # Counters exist from the start at 0, so rate() and alerts see "none yet", not "no data".
+        m.METRICS.inc(m.OVERLOAD_REJECTIONS, model, 0.0)
         if self.gate is not None:
             telemetry.add_source(self.gate.spool.metric_values)
         return telemetry

@@ -65,6 +65,7 @@ def superbrain(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> I
         torch_threads=1,
         replica_num_cpus=1,
         app_name="superbrain-test",
+        metrics_port=free_port(),
     )
     os.environ["SUPERBRAIN_API_KEY"] = issue_tenant_key(
         cfg.resolved_ledger_url, "fleet", Plan(rate_per_s=100_000, burst=100_000, max_streams=1000)

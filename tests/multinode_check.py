@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 import numpy as np
 import ray
@@ -26,7 +27,15 @@ def main(port: int) -> None:
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, logging_level="WARNING")
     try:
-        cfg = ServingConfig(grpc_port=port, policy="noop", num_replicas=2, replica_num_cpus=1, auth=False)
+        cfg = ServingConfig(
+            grpc_port=port,
+            policy="noop",
+            num_replicas=2,
+            replica_num_cpus=1,
+            auth=False,
+            state_dir=tempfile.mkdtemp(prefix="superbrain-multinode-"),
+            metrics_port=0,
+        )
         launcher.deploy(cfg)
         # Each worker node has exactly one CPU and each replica needs one, so two
         # running replicas are necessarily on two different nodes.

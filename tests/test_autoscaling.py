@@ -26,7 +26,7 @@ def test_replicas_follow_requests_in_flight(inflight, expected) -> None:
 
 
 @pytest.mark.ray
-def test_autoscaling_deployment_starts_and_serves(ray_session) -> None:
+def test_autoscaling_deployment_starts_and_serves(ray_session, tmp_path) -> None:
     """Serve accepts the custom policy and the replicas' stats method; traffic flows."""
     cfg = ServingConfig(
         grpc_port=free_port(),
@@ -34,6 +34,8 @@ def test_autoscaling_deployment_starts_and_serves(ray_session) -> None:
         replica_num_cpus=0.5,
         app_name="autoscaled",
         auth=False,
+        state_dir=str(tmp_path),
+        metrics_port=0,
         autoscaling=AutoscalingSettings(min_replicas=1, max_replicas=2, target_inflight_per_replica=8),
     )
     launcher.deploy(cfg)

@@ -31,3 +31,17 @@ def test_serve_config_builds_the_app(name: str, config: dict) -> None:
     assert build_app(app.args) is not None
     options = deployment_options(cfg)
     assert ("autoscaling_config" in options) == (cfg.autoscaling is not None)
+
+
+def test_every_ray_pod_exposes_the_metrics_port_and_ray_stays_off_it() -> None:
+    """PodMonitor scrapes port 'sb-metrics'; KubeRay's default Ray metrics port (8080) would take it."""
+    (service,) = [
+        d for d in yaml.safe_load_all((ROOT / "k8s/rayservice.yaml").read_text()) if d["kind"] == "RayService"
+    ]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    port = ServingConfig.model_validate(app["args"]).metrics_port
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        ports = [p for c in group["template"]["spec"]["containers"] for p in c.get("ports", [])]
+        assert {"containerPort": port, "name": "sb-metrics"} in ports
+        assert group["rayStartParams"].get("metrics-export-port") not in (None, str(port))

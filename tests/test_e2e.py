@@ -171,6 +171,8 @@ def test_serves_a_checkpoint_directory(ray_session, tmp_path, reference) -> None
         torch_threads=1,
         app_name="from-checkpoint",
         auth=False,
+        state_dir=str(tmp_path / "state"),
+        metrics_port=0,
     )
     launcher.deploy(cfg)
     try:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving import launcher
 from serving.client import RobotClient
@@ -40,6 +42,7 @@ def deploy(ledger_url: str, state_dir, name: str) -> ServingConfig:
         ledger_url=ledger_url,
         state_dir=str(state_dir),
         usage_flush_s=0.2,
+        metrics_port=free_port(),
     )
     launcher.deploy(cfg)
     return cfg
@@ -59,6 +62,20 @@ def wait_for_records(url: str, tenant: str, at_least: int, timeout: float = 20.0
             return records(url, tenant)
         time.sleep(0.2)
     return records(url, tenant)
+
+
+def scrape(url: str) -> dict[tuple[str, str], float]:
+    """A metrics endpoint as {(sample name, "tenant/code-or-limit"): value}, summed over other labels."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.name.startswith("superbrain_"):
+                continue
+            key = "/".join(s.labels[k] for k in ("tenant", "code", "limit") if k in s.labels)
+            out[(s.name, key)] = out.get((s.name, key), 0.0) + s.value
+    return out
 
 
 def replica_actors(app: str) -> list[str]:
@@ -107,6 +124,14 @@ def test_two_replicas_hold_one_tenant_to_its_limit(ray_session, ledger_url, tmp_
         assert sorted(r.request_id for r in rows) == sorted(ok)  # metered exactly once each
         replicas = {r.id.rsplit("-", 1)[0] for r in rows}
         assert len(replicas) == 2, "both replicas must have admitted calls, or the test proves nothing"
+
+        # The node's one metrics endpoint sums both replicas: the same counts, none twice.
+        time.sleep(1.5)  # a snapshot per second
+        got = scrape(f"http://127.0.0.1:{cfg.metrics_port}/metrics")
+        assert got.get(("superbrain_replicas", "")) == 2
+        assert got[("superbrain_requests_total", "hammer/OK")] == len(ok)
+        assert got[("superbrain_requests_total", "hammer/RESOURCE_EXHAUSTED")] == sum(denied.values())
+        assert got[("superbrain_quota_rejections_total", "hammer/rate")] == sum(denied.values())
     finally:
         launcher.undeploy(cfg)
 

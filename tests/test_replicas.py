@@ -24,9 +24,16 @@ def _replica_actors(app: str) -> list[str]:
     ]
 
 
-def test_two_replicas_share_the_port_and_survive_losing_one(ray_session) -> None:
+def test_two_replicas_share_the_port_and_survive_losing_one(ray_session, tmp_path) -> None:
     cfg = ServingConfig(
-        grpc_port=free_port(), policy="noop", num_replicas=2, replica_num_cpus=0.5, app_name="two-replicas", auth=False
+        grpc_port=free_port(),
+        policy="noop",
+        num_replicas=2,
+        replica_num_cpus=0.5,
+        app_name="two-replicas",
+        auth=False,
+        state_dir=str(tmp_path),
+        metrics_port=0,
     )
     launcher.deploy(cfg)
     try:
