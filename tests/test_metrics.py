@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,3 +247,10 @@ def test_access_log_files_rotate(tmp_path):
     assert not path.with_name("access.jsonl.3").exists()
     for line in path.with_name("access.jsonl.1").read_text().splitlines():
         assert json.loads(line)["tenant"] == "acme"
+
+
+def test_operations_doc_lists_every_metric():
+    doc = (Path(__file__).resolve().parents[1] / "docs/operations.md").read_text()
+    for metric in m.ALL_METRICS:
+        exposed = metric.name + ("_total" if metric.kind == "counter" else "")
+        assert f"`{exposed}`" in doc, f"docs/operations.md does not describe {exposed}"
