@@ -197,6 +197,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Print this node's accelerators and what a replica here would use; exit 1 if the configuration cannot run."""
+    from serving import accel
+
+    cfg = load_config(args.config)
+    # Flags win over the config's accelerator / array_backend (getattr: older configs lack the fields).
+    try:
+        override = accel.parse_override(
+            args.accelerator or getattr(cfg, "accelerator", "auto"),
+            args.array_backend or getattr(cfg, "array_backend", "auto"),
+        )
+    except accel.AcceleratorError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    report = accel.doctor_report(override)
+    print(json.dumps(report, indent=2) if args.json else accel.format_report(report), flush=True)
+    return 0 if report["error"] is None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="superbrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--seed", type=int, default=0)
     export.set_defaults(func=cmd_export_default)
+
+    doctor = sub.add_parser("doctor", help="show this node's accelerators and what a replica here would use")
+    doctor.add_argument("--config", help="YAML file with ServingConfig fields (env: SUPERBRAIN_CONFIG)")
+    doctor.add_argument("--accelerator", help="pretend the config says this: auto, cpu, cuda[:N], musa[:N], npu[:N]")
+    doctor.add_argument("--array-backend", help="pretend the config says this: auto, numpy, torch, cupy")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
 
     bench = sub.add_parser("bench", help="benchmark against the gRPC limit and Ray Serve's proxy")
     from serving.bench.runner import add_arguments

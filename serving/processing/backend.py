@@ -6,19 +6,22 @@ differently (creating arrays, moving to host, dtypes, permuting axes, clipping)
 go through an ``ArrayBackend``. Keep it that small: every method added here has
 to be implemented, and tested to agree, on every backend.
 
-Adding CuPy later means one more ``ArrayBackend`` subclass and one more entry
-in ``get_backend``; nothing in the kernels should need to change.
+CuPy is one more ``ArrayBackend`` subclass (serving/processing/cupy_backend.py),
+registered below and imported only when asked for, so CuPy stays optional;
+nothing in the kernels changed for it. ``to_torch`` is the hand-off to the model:
+zero-copy on every backend (numpy: a view, cupy: DLPack).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-#: A backend array: ``np.ndarray`` for ``NumpyBackend``, ``torch.Tensor`` for ``TorchBackend``.
+#: A backend array: ``np.ndarray`` for ``NumpyBackend``, ``torch.Tensor`` for ``TorchBackend``,
+#: ``cupy.ndarray`` for ``CupyBackend``.
 Array = Any
 
 #: The dtypes the kernels use, by name (the seam speaks names, not library objects).
@@ -59,6 +62,10 @@ class ArrayBackend(abc.ABC):
     def clip(self, x: Array, low: Array, high: Array) -> Array:
         """Elementwise ``min(max(x, low), high)``; ``low``/``high`` broadcast against ``x``."""
 
+    @abc.abstractmethod
+    def to_torch(self, x: Array) -> Any:
+        """``x`` as a torch tensor on its own device, sharing memory (the model's input; no copy)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device!r})"
 
@@ -94,6 +101,13 @@ class NumpyBackend(ArrayBackend):
 
     def clip(self, x: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
         return np.clip(x, low, high)
+
+    def to_torch(self, x: np.ndarray) -> Any:
+        import torch
+
+        if not x.flags.writeable:
+            x = x.copy()  # torch refuses to alias read-only memory (decoded request bytes)
+        return torch.as_tensor(x)
 
 
 class TorchBackend(ArrayBackend):
@@ -133,16 +147,25 @@ class TorchBackend(ArrayBackend):
     def clip(self, x: Any, low: Any, high: Any) -> Any:
         return self._torch.clamp(x, low, high)
 
+    def to_torch(self, x: Any) -> Any:
+        return x
 
-_BACKENDS: dict[str, type[ArrayBackend]] = {
+
+def _cupy_backend(device: str) -> ArrayBackend:
+    from serving.processing.cupy_backend import CupyBackend  # here: CuPy is an optional extra
+
+    return CupyBackend(device)
+
+
+_BACKENDS: dict[str, Callable[[str], ArrayBackend]] = {
     "numpy": NumpyBackend,
     "torch": TorchBackend,
-    # "cupy": a CupyBackend goes here once it exists (planned; not implemented yet).
+    "cupy": _cupy_backend,  # devices "cuda" / "cuda:N"; raises CupyUnavailable without CuPy or a device
 }
 
 
 def get_backend(name: str, device: str = "cpu") -> ArrayBackend:
-    """The backend called ``name`` ("numpy" or "torch") placed on ``device``."""
+    """The backend called ``name`` ("numpy", "torch" or "cupy") placed on ``device``."""
     cls = _BACKENDS.get(name)
     if cls is None:
         raise ValueError(f"unknown array backend {name!r}; available: {sorted(_BACKENDS)}")
@@ -150,10 +173,21 @@ def get_backend(name: str, device: str = "cpu") -> ArrayBackend:
 
 
 def backend_for(x: Array) -> ArrayBackend:
-    """The backend an existing array belongs to (numpy for ndarrays, torch on the tensor's device)."""
+    """The backend an existing array belongs to (numpy for ndarrays, torch or cupy on the array's device)."""
     if isinstance(x, np.ndarray):
         return NumpyBackend()
     device = getattr(x, "device", None)
     if device is not None and type(x).__module__.startswith("torch"):
         return TorchBackend(str(device))
+    if device is not None and type(x).__module__.startswith("cupy"):
+        from serving.processing.cupy_backend import backend_for_device
+
+        return backend_for_device(device.id)
     raise TypeError(f"no array backend for {type(x).__name__}")
+
+
+def to_torch(x: Array) -> Any:
+    """Any backend array as a torch tensor on the same device, without a copy (see ``ArrayBackend.to_torch``)."""
+    if type(x).__module__.startswith("torch"):
+        return x
+    return backend_for(x).to_torch(x)
