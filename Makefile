@@ -8,8 +8,15 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 ARGS ?=
+# make loadtest / make capacity (loadtest/, docs/capacity.md)
+ROBOTS ?= 50
+RATE_HZ ?= 10
+DURATION ?= 60s
+TARGET ?= 127.0.0.1:9000
+REPLICAS ?= 1
+STEP_DURATION ?= 30s
 
-.PHONY: serve test install lint proto bench clean
+.PHONY: serve test install lint proto bench loadtest capacity clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +43,12 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/superbrain bench --workload W1 --compare $(ARGS)
+
+loadtest: $(STAMP)
+	$(PY) -m loadtest.run --robots $(ROBOTS) --rate-hz $(RATE_HZ) --duration $(DURATION) --target $(TARGET) $(ARGS)
+
+capacity: $(STAMP)
+	$(PY) -m loadtest.capacity --replicas $(REPLICAS) --rate-hz $(RATE_HZ) --step-duration $(STEP_DURATION) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
