@@ -17,7 +17,6 @@ from ray.serve.config import AutoscalingPolicy
 
 from serving.config import ServingConfig, load_config
 from serving.deployment import PolicyReplica
-from serving.quota.coordinator import QuotaCoordinator
 
 
 def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
@@ -63,10 +62,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = load_config(overrides=args or {})
     # Replicas may run with another working directory: pin local state to an absolute path.
     cfg = cfg.model_copy(update={"state_dir": str(cfg.state_path)})
-    replica = PolicyReplica.options(**deployment_options(cfg))
-    if not cfg.auth:
-        return replica.bind(cfg.model_dump())
-    coordinator = QuotaCoordinator.options(ray_actor_options={"num_cpus": 0}).bind(
-        cfg.resolved_ledger_url, lease_ttl_s=cfg.lease_ttl_s
-    )
-    return replica.bind(cfg.model_dump(), coordinator)
+    # With auth on, replicas start the app's quota coordinator themselves (a Ray
+    # actor that leaves once they are gone: serving/quota/coordinator.py).
+    return PolicyReplica.options(**deployment_options(cfg)).bind(cfg.model_dump())

@@ -14,7 +14,6 @@ import logging
 import time
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from serving import metrics as m
 from serving.access_log import open_access_log
@@ -32,9 +31,7 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(name="PolicyReplica")
 class PolicyReplica:
-    async def __init__(self, config: dict, quota_coordinator: DeploymentHandle | None = None) -> None:
-        # ``quota_coordinator`` only puts the coordinator into this app's graph (so it
-        # deploys and goes with the app); calls go to its actor (serving.quota.coordinator).
+    async def __init__(self, config: dict) -> None:
         cfg = ServingConfig.model_validate(config)
         if cfg.policy != "noop":
             import torch
@@ -56,7 +53,7 @@ class PolicyReplica:
         else:
             self.batcher = CapacityBatcher(self.engine.run_batch, cfg.max_batch_size, wait_s)
             submit = self.batcher
-        self.gate = await self._start_gate(cfg, quota_coordinator) if cfg.auth else None
+        self.gate = await self._start_gate(cfg) if cfg.auth else None
         self.access_log = open_access_log(cfg.access_log, cfg.state_path)
         servicer = PolicyServicer(
             self.policy,
@@ -72,14 +69,16 @@ class PolicyReplica:
         log.info("replica serving %s %s on %s:%d", self.policy.name, self.policy.version, cfg.host, self.frontend.port)
 
     @staticmethod
-    async def _start_gate(cfg: ServingConfig, coordinator: DeploymentHandle | None) -> AccessGate:
-        if coordinator is None:
-            raise ValueError("auth is on but the app has no QuotaCoordinator (build it with serving.app:build_app)")
+    async def _start_gate(cfg: ServingConfig) -> AccessGate:
         url = cfg.resolved_ledger_url
         spool = UsageSpool(cfg.state_path / "spool", url, flush_interval_s=cfg.usage_flush_s)
         gate = AccessGate(
             KeyCache(url, refresh_s=cfg.key_refresh_s),
-            ReplicaQuota(ActorCoordinator(serve.get_replica_context().app_name, spool.replica_token)),
+            ReplicaQuota(
+                ActorCoordinator(
+                    serve.get_replica_context().app_name, spool.replica_token, url, lease_ttl_s=cfg.lease_ttl_s
+                )
+            ),
             spool,
         )
         await gate.start()

@@ -140,7 +140,7 @@ def test_revoked_key_stops_working_within_the_refresh_interval(partners):
 
 def test_a_key_issued_while_serving_works_at_once(partners):
     key = add_tenant(partners.url, "newco", Plan())
-    partners.book.set_plans({"newco": Plan()})  # the Serve coordinator reloads plans itself
+    partners.book.set_plans({"newco": Plan()})  # the real coordinator actor reloads plans itself
     with RobotClient(partners.server.address, api_key=key, retry=NO_RETRY) as robot:
         assert robot.act(**OBS).actions.shape == (ARM.chunk_length, ARM.action_dim)
 

@@ -1,11 +1,13 @@
 """Partners against the real Ray Serve app: limits across replicas, metering across kills and restarts.
 
-Each test deploys the app with two ingress replicas sharing one port, the
-QuotaCoordinator deployment, and a ledger on SQLite and on PostgreSQL.
+Each test deploys the app with two ingress replicas sharing one port (they
+start the quota coordinator actor themselves), and a ledger on SQLite and on
+PostgreSQL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.request
@@ -224,3 +226,28 @@ def test_partner_errors_and_revocation_on_the_real_app(superbrain) -> None:
                 robot.act(**obs)
                 time.sleep(0.05)
     assert time.monotonic() - revoked_at < 3.0, "revocation must reach the replica within a few seconds"
+
+
+def test_the_coordinator_comes_with_the_replicas_and_leaves_after_them(ray_session, ledger_url) -> None:
+    """Replicas start the coordinator on first use and share it; with no replica calling it exits."""
+    from serving.quota.coordinator import NAMESPACE, ActorCoordinator
+
+    first = ActorCoordinator("coordinator-life", "r1", ledger_url, idle_exit_s=1.0)
+    second = ActorCoordinator("coordinator-life", "r2", ledger_url, idle_exit_s=1.0)
+    assert asyncio.run(first.exchange({})) == {}
+    epoch = asyncio.run(first.stats())["epoch"]
+    assert asyncio.run(second.stats())["epoch"] == epoch  # one coordinator, not one per replica
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(first.name, namespace=NAMESPACE)
+        except ValueError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("an idle coordinator must exit once no replica calls it")
+
+    later = ActorCoordinator("coordinator-life", "r3", ledger_url, idle_exit_s=60.0)
+    assert asyncio.run(later.stats())["epoch"] != epoch  # a replica that comes later starts a fresh one
+    ray.kill(ray.get_actor(later.name, namespace=NAMESPACE), no_restart=True)

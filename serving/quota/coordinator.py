@@ -5,23 +5,27 @@ store every ``refresh_s``, and this month's metered usage is read at start, so
 budgets survive restarts. Ingress replicas call it only to renew their leases,
 a few times a second per replica, never per request.
 
-Why two layers: the ``QuotaCoordinator`` Serve deployment gives the actor its
-lifecycle (deployed, health-checked, restarted and deleted with the app, by
-import path like the rest). Replicas, however, call the plain actor by name,
-not through a Serve DeploymentHandle: a handle starts Serve's router machinery
-in every replica, and on W1 that alone cost ~15-20 % of throughput
-(docs/benchmarks.md). A restarted coordinator is a new actor with a new epoch,
-which the lease protocol already handles (serving.quota.leases).
+Its lifetime is a lease too, which keeps it to one process: the replicas create
+it on first use (a named, detached actor; ``get_if_exists`` makes concurrent
+creation safe) and it exits by itself once no replica has called for
+``idle_exit_s``. So it lives exactly as long as the app's replicas do, however
+the app was deployed (``serve run``, ``serve deploy``, KubeRay), and a quick
+redeploy finds it still holding the buckets. (An earlier version gave it a
+Serve deployment as owner: one more process, ~1 % of W1 on two cores.)
+Replicas call the plain actor, never a Serve DeploymentHandle: a handle starts
+Serve's router machinery in every replica, which cost ~15-20 % of W1
+(docs/benchmarks.md). A crashed coordinator is restarted by Ray as a new actor
+with a new epoch, which the lease protocol already handles (serving.quota.leases).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
 import ray
-from ray import serve
 
 from serving.quota.leases import Grant, QuotaBook, TenantReport, month_bounds
 from serving.quota.store import open_store
@@ -31,18 +35,27 @@ log = logging.getLogger("ray.serve")
 NAMESPACE = "superbrain"
 
 
-def actor_name(app_name: str) -> str:
-    return f"quota-coordinator::{app_name}"
+# With no replica calling for this long, the coordinator exits (the app is gone).
+IDLE_EXIT_S = 60.0
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
+def actor_name(app_name: str, ledger_url: str, lease_ttl_s: float) -> str:
+    """One coordinator per app and ledger: a redeploy onto another ledger never reuses the old one."""
+    digest = hashlib.sha256(f"{ledger_url}|{lease_ttl_s}".encode()).hexdigest()[:12]
+    return f"quota-coordinator::{app_name}::{digest}"
+
+
+@ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)
 class QuotaBookActor:
-    async def __init__(self, ledger_url: str, lease_ttl_s: float = 1.0, refresh_s: float = 2.0) -> None:
+    async def __init__(
+        self, ledger_url: str, lease_ttl_s: float = 1.0, refresh_s: float = 2.0, idle_exit_s: float = IDLE_EXIT_S
+    ) -> None:
         self.ledger_url = ledger_url
         self.refresh_s = refresh_s
+        self.idle_exit_s = idle_exit_s
         self.book = QuotaBook(lease_ttl_s=lease_ttl_s)
         await asyncio.to_thread(self._load, True)
-        self._last_load = time.monotonic()
+        self._last_load = self._last_call = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     def _load(self, with_usage: bool) -> None:
@@ -56,6 +69,10 @@ class QuotaBookActor:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s)
+            if time.monotonic() - self._last_call > self.idle_exit_s:
+                log.info("quota coordinator: no replica called for %.0f s; exiting", self.idle_exit_s)
+                # exit_actor() only works inside an actor method; from this task, kill ourselves.
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
             try:
                 await asyncio.to_thread(self._load, False)
                 self._last_load = time.monotonic()
@@ -69,52 +86,53 @@ class QuotaBookActor:
             self._last_load = time.monotonic()
 
     async def exchange(self, replica: str, reports: dict[str, TenantReport]) -> dict[str, Grant]:
+        self._last_call = time.monotonic()
         await self._know(reports)
         return self.book.exchange(replica, reports)
 
     async def open_stream(self, replica: str, tenant: str) -> Grant:
+        self._last_call = time.monotonic()
         await self._know([tenant])
         return self.book.open_stream(replica, tenant)
 
     async def close_stream(self, replica: str, tenant: str) -> None:
+        self._last_call = time.monotonic()
         self.book.close_stream(replica, tenant)
 
     async def stats(self) -> dict:
         return {"epoch": self.book.epoch, "exchanges": self.book.exchanges, "tenants": self.book.snapshot()}
 
 
-@serve.deployment(name="QuotaCoordinator", num_replicas=1, health_check_period_s=5.0)
-class QuotaCoordinator:
-    """Owns the QuotaBookActor's lifetime: it lives and dies with this Serve replica."""
-
-    async def __init__(self, ledger_url: str, lease_ttl_s: float = 1.0, refresh_s: float = 2.0) -> None:
-        name = actor_name(serve.get_replica_context().app_name)
-        self.actor = QuotaBookActor.options(name=name, namespace=NAMESPACE).remote(ledger_url, lease_ttl_s, refresh_s)
-        stats = await self.actor.stats.remote()
-        log.info("quota coordinator %s up (epoch %s)", name, stats["epoch"])
-
-    async def check_health(self) -> None:
-        await asyncio.wait_for(self.actor.stats.remote(), 10.0)
-
-    async def stats(self) -> dict:
-        return await self.actor.stats.remote()
-
-
 class ActorCoordinator:
     """``leases.Coordinator`` over the named actor, with a timeout so a stuck call cannot hang robots."""
 
-    def __init__(self, app_name: str, replica: str, timeout_s: float = 2.0):
-        self.name = actor_name(app_name)
+    def __init__(
+        self,
+        app_name: str,
+        replica: str,
+        ledger_url: str,
+        *,
+        lease_ttl_s: float = 1.0,
+        timeout_s: float = 2.0,
+        idle_exit_s: float = IDLE_EXIT_S,
+    ):
+        self.name = actor_name(app_name, ledger_url, lease_ttl_s)
         self.replica = replica
         self.timeout_s = timeout_s
+        self._args = (ledger_url, lease_ttl_s, 2.0, idle_exit_s)
         self._actor = None
 
     def _handle(self):
-        # Looked up lazily and again after a failure: the coordinator may start after
-        # this replica, or be restarted (as a new actor under the same name).
+        # Got (or created: the first replica to ask does) lazily, and again after a
+        # failure: the coordinator may have been restarted, or exited while idle.
         if self._actor is None:
-            self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
+            self._actor = QuotaBookActor.options(
+                name=self.name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+            ).remote(*self._args)
         return self._actor
+
+    async def stats(self) -> dict:
+        return await asyncio.wait_for(self._handle().stats.remote(), self.timeout_s)
 
     async def _call(self, method: str, *args):
         try:
