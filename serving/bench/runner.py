@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -186,12 +187,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+def _paired_ratio(a: dict[str, Any], b: dict[str, Any], key: str = "rps") -> float | None:
+    """Median over rounds of a/b, each round's two systems measured back to back.
+
+    On a shared VM the machine's speed drifts by 10-20 % over minutes; a ratio of
+    two runs minutes apart carries that drift, a ratio within one round mostly not.
+    With one round (or missing rounds) it is the plain ratio of the two results.
+    """
+    field = "rounds_rps" if key == "rps" else "rounds_cpu_us_per_call"
+    xs, ys = a.get(field), b.get(field)
+    if not xs or not ys or len(xs) != len(ys) or any(v is None for v in (*xs, *ys)):
+        return _ratio(a.get(key), b.get(key))
+    ratios = sorted(x / y for x, y in zip(xs, ys, strict=True) if y)
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
 def compute_ratios(workload: str, systems: dict[str, dict[str, Any]], levels: list[int]) -> dict[str, Any]:
     sb, limit = systems.get("superbrain"), systems.get("grpc_limit")
     out: dict[str, Any] = {}
     ok = lambda r: r is not None and "rps" in r  # noqa: E731
     if ok(sb) and ok(limit):
-        out["ratio_vs_limit"] = _ratio(sb["rps"], limit["rps"])
+        out["ratio_vs_limit"] = _paired_ratio(sb, limit)
         out["p50_ratio_at_1"] = _ratio(sb["p50_ms"], limit["p50_ms"])
     raw, unbatched = systems.get(RAW_MODEL), systems.get("superbrain_unbatched")
     if ok(sb) and ok(raw):
@@ -215,13 +231,11 @@ def compute_ratios(workload: str, systems: dict[str, dict[str, Any]], levels: li
             "ray_haproxy",
         ):
             if ok(systems.get(name)):
-                out[f"ratio_vs_{name}"] = _ratio(sb["rps"], systems[name]["rps"])
+                out[f"ratio_vs_{name}"] = _paired_ratio(sb, systems[name])
         off = systems.get("superbrain_auth_off")
         if ok(off) and sb.get("server_cpu_us_per_call") and off.get("server_cpu_us_per_call"):
             # > 1: what auth + quota + metering add to the server's CPU per call.
-            out["cpu_per_call_vs_superbrain_auth_off"] = _ratio(
-                sb["server_cpu_us_per_call"], off["server_cpu_us_per_call"]
-            )
+            out["cpu_per_call_vs_superbrain_auth_off"] = _paired_ratio(sb, off, "server_cpu_us_per_call")
     return out
 
 
@@ -367,6 +381,7 @@ def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     chosen = dict(sorted(ok, key=lambda r: r["rps"])[(len(ok) - 1) // 2])
     if len(runs) > 1:
         chosen["rounds_rps"] = [r.get("rps") for r in runs]
+        chosen["rounds_cpu_us_per_call"] = [r.get("server_cpu_us_per_call") for r in runs]
     return chosen
 
 
