@@ -454,11 +454,15 @@ class ChunkBroker(_BrokerBase):
             raise RuntimeError("ChunkBroker is closed")
 
     def _start_fetch(self) -> None:
-        t0, gen = self._core.begin_fetch()
-        started = self._clock()
-        self._executor.submit(self._run_fetch, t0, gen, started)
+        _, gen = self._core.begin_fetch()
+        self._executor.submit(self._run_fetch, gen)
 
-    def _run_fetch(self, t0: int, gen: int, started: float) -> None:
+    def _run_fetch(self, gen: int) -> None:
+        # The observation is taken when fetch() runs, which on a busy machine can be a
+        # few ticks after it was submitted: align the chunk to that tick, not the earlier one.
+        with self._cond:
+            t0 = self._core.tick
+        started = self._clock()
         result = error = None
         try:
             result = self._fetch()
@@ -568,10 +572,11 @@ class AsyncChunkBroker(_BrokerBase):
             raise RuntimeError("AsyncChunkBroker is closed")
 
     def _start_fetch(self) -> None:
-        t0, gen = self._core.begin_fetch()
-        self._task = asyncio.get_running_loop().create_task(self._run_fetch(t0, gen, self._clock()))
+        _, gen = self._core.begin_fetch()
+        self._task = asyncio.get_running_loop().create_task(self._run_fetch(gen))
 
-    async def _run_fetch(self, t0: int, gen: int, started: float) -> None:
+    async def _run_fetch(self, gen: int) -> None:
+        t0, started = self._core.tick, self._clock()  # when the observation is taken (see ChunkBroker)
         result = error = None
         try:
             if inspect.iscoroutinefunction(self._fetch):
