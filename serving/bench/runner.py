@@ -223,6 +223,7 @@ def compute_ratios(workload: str, systems: dict[str, dict[str, Any]], levels: li
     if ok(sb):
         for name in (
             "superbrain_auth_off",
+            "superbrain_bare",
             "superbrain_no_ray",
             "superbrain_serve_batch",
             "ray_default_proxy",

@@ -69,8 +69,11 @@ def bench_config(system: str = "superbrain", policy: str | None = None) -> Servi
         overrides["max_batch_size"] = 1
     if system == "superbrain_serve_batch":
         overrides["batcher"] = "serve"
-    if system in ("superbrain_auth_off", "superbrain_no_ray"):
+    if system in ("superbrain_auth_off", "superbrain_bare", "superbrain_no_ray"):
         overrides["auth"] = False
+    if system == "superbrain_bare":
+        overrides["metrics_port"] = 0
+        overrides["access_log"] = "off"
     if "SUPERBRAIN_TORCH_THREADS" not in os.environ:
         # The limit server and the raw model use torch's default (every core); so do we.
         overrides["torch_threads"] = os.cpu_count() or 1
@@ -80,6 +83,7 @@ def bench_config(system: str = "superbrain", policy: str | None = None) -> Servi
 SERVER_SYSTEMS = (
     "superbrain",
     "superbrain_auth_off",
+    "superbrain_bare",
     "superbrain_unbatched",
     "superbrain_serve_batch",
     "grpc_limit",
@@ -98,6 +102,7 @@ DESCRIPTIONS = {
         "usage metering, validation, admission)"
     ),
     "superbrain_auth_off": "Superbrain with auth, quota and metering off (auth=false, loopback)",
+    "superbrain_bare": "Superbrain with auth, the metrics endpoint and the access log off (metrics are still counted)",
     "superbrain_unbatched": "Superbrain, max_batch_size=1",
     "superbrain_serve_batch": "Superbrain with batcher=serve (Ray Serve's @serve.batch instead of CapacityBatcher)",
     "grpc_limit": "plain grpc.aio server + asyncio batcher, policy in-process, no Ray (the limit)",
@@ -249,7 +254,13 @@ def serve_system(system: str, workload: str, policy: str | None) -> int:
         asyncio.run(_serve_limit(policy, request, stopper))
     elif system == "superbrain_no_ray":
         asyncio.run(_serve_superbrain_no_ray(policy, request, stopper))
-    elif system in ("superbrain", "superbrain_auth_off", "superbrain_unbatched", "superbrain_serve_batch"):
+    elif system in (
+        "superbrain",
+        "superbrain_auth_off",
+        "superbrain_bare",
+        "superbrain_unbatched",
+        "superbrain_serve_batch",
+    ):
         _serve_superbrain(system, policy, request, stopper)
     elif system in SERVER_SYSTEMS:
         _serve_ray_app(system, policy, request, stopper)
