@@ -15,6 +15,7 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import AutoscalingPolicy
 
+from serving import accel
 from serving.config import ServingConfig, load_config
 from serving.deployment import PolicyReplica
 
@@ -29,8 +30,12 @@ def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
         # (and Serve's health checks) never block on a forward pass.
         "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
     }
-    if cfg.replica_num_gpus:
-        actor_options["num_gpus"] = cfg.replica_num_gpus
+    override = cfg.accelerator_override
+    if override is None and cfg.replica_num_gpus:
+        actor_options["num_gpus"] = cfg.replica_num_gpus  # asked for explicitly: honour it on any head
+    else:
+        # Ray GPU for NVIDIA/MetaX/ROCm, the mthreads_gpu resource, or NPU; nothing on CPU.
+        actor_options.update(accel.replica_actor_options(override, cfg.replica_num_gpus or None))
     options: dict[str, Any] = {
         "ray_actor_options": actor_options,
         # Requests reach replicas over their own gRPC port, not Serve handles;

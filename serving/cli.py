@@ -22,7 +22,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "num_replicas": args.num_replicas,
         "max_batch_size": args.max_batch_size,
         "ray_address": args.ray_address,
-        "device": args.device,
+        "accelerator": args.device,
         "metrics_port": args.metrics_port,
     }
 
@@ -202,12 +202,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from serving import accel
 
     cfg = load_config(args.config)
-    # Flags win over the config's accelerator / array_backend (getattr: older configs lack the fields).
+    # Flags win over the config's accelerator / array_backend.
     try:
-        override = accel.parse_override(
-            args.accelerator or getattr(cfg, "accelerator", "auto"),
-            args.array_backend or getattr(cfg, "array_backend", "auto"),
-        )
+        override = accel.parse_override(args.accelerator or cfg.accelerator, args.array_backend or cfg.array_backend)
     except accel.AcceleratorError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -228,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="checkpoint directory (safetensors + config.json)")
     serve.add_argument("--num-replicas", type=int)
     serve.add_argument("--max-batch-size", type=int)
-    serve.add_argument("--device", help="torch device for the policy (default cpu)")
+    serve.add_argument(
+        "--device", "--accelerator", help="auto (default), cpu, cuda[:N], musa[:N] or npu[:N] (superbrain doctor)"
+    )
     serve.add_argument("--ray-address", help="join an existing Ray cluster (e.g. 'auto')")
     serve.add_argument(
         "--metrics-port",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "SUPERBRAIN_"
 
@@ -45,7 +45,12 @@ class ServingConfig(BaseModel):
     policy: str = "default"
     model_dir: str | None = None
     seed: int = 0
-    device: str = "cpu"
+    # Which accelerator replicas use (docs/accelerators.md): "auto" picks what the
+    # node has (CUDA/MetaX, ROCm, MUSA, Ascend NPU, else CPU), or name it: "cpu",
+    # "cuda[:N]", "musa[:N]", "npu[:N]". ``device`` is the older name. The array
+    # backend of the processing stage: "auto", "numpy", "torch" or "cupy".
+    accelerator: str = Field("auto", validation_alias=AliasChoices("accelerator", "device"))
+    array_backend: str = "auto"
     torch_threads: int | None = None
 
     # Batching across robots. "local": capacity-aware (a batch is formed when the
@@ -104,6 +109,20 @@ class ServingConfig(BaseModel):
         if v not in ("default", "noop") and ":" not in v:
             raise ValueError("policy must be 'default', 'noop' or 'module:Class'")
         return v
+
+    @model_validator(mode="after")
+    def _accelerator_form(self) -> ServingConfig:
+        from serving.accel import parse_override  # raises AcceleratorError (a ValueError) naming the field
+
+        parse_override(self.accelerator, self.array_backend)
+        return self
+
+    @property
+    def accelerator_override(self):
+        """The accelerator settings as serving.accel wants them (None: decide from the node)."""
+        from serving.accel import parse_override
+
+        return parse_override(self.accelerator, self.array_backend)
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> ServingConfig:

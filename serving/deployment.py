@@ -15,6 +15,7 @@ import time
 
 from ray import serve
 
+from serving import accel
 from serving import metrics as m
 from serving.access_log import open_access_log
 from serving.config import ServingConfig
@@ -41,7 +42,8 @@ class PolicyReplica:
         self.cfg = cfg
         load_started = time.monotonic()
         self.policy = load_policy(cfg.policy, cfg.model_dir, seed=cfg.seed)
-        self.policy.setup(cfg.device)
+        self.device, self._device_claim = self._pick_device(cfg)
+        self.policy.setup(self.device)
         load_s = time.monotonic() - load_started
         self.engine = PolicyEngine(self.policy)
         wait_s = cfg.batch_wait_timeout_ms / 1e3
@@ -67,6 +69,16 @@ class PolicyReplica:
         await self.frontend.start()
         self.telemetry = self._start_telemetry(cfg, servicer, load_s)
         log.info("replica serving %s %s on %s:%d", self.policy.name, self.policy.version, cfg.host, self.frontend.port)
+
+    @staticmethod
+    def _pick_device(cfg: ServingConfig) -> tuple[str, accel.DeviceClaim | None]:
+        """This replica's torch device from what the node has (and, on MUSA, a claimed index)."""
+        found = accel.probe()
+        chosen = accel.plan(found, cfg.accelerator_override)
+        device, claim = accel.replica_device(chosen, found, cfg.state_path / "devices")
+        accel.import_device_plugin(device)
+        log.info("replica device %s (%s; %s)", device, chosen.vendor, "; ".join(chosen.reasons))
+        return device, claim
 
     @staticmethod
     async def _start_gate(cfg: ServingConfig) -> AccessGate:

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serving.config import load_config
+from serving.config import ServingConfig, load_config
 
 
 def test_defaults() -> None:
@@ -30,3 +30,23 @@ def test_bad_values_are_rejected(tmp_path: Path) -> None:
     path.write_text("grpc_prot: 1\n")
     with pytest.raises(ValidationError, match="grpc_prot"):
         load_config(path, environ={})
+
+
+def test_accelerator_settings_are_checked_and_decide_the_ray_resource() -> None:
+    from serving.app import deployment_options
+
+    assert ServingConfig().accelerator == "auto"
+    assert ServingConfig(device="cuda").accelerator == "cuda"  # the older name still reads
+    with pytest.raises(ValueError, match="accelerator 'tpu'"):
+        ServingConfig(accelerator="tpu")
+    with pytest.raises(ValueError, match="array_backend|array backend"):
+        ServingConfig(array_backend="jax")
+
+    def options(**kw):
+        return deployment_options(ServingConfig(**kw))["ray_actor_options"]
+
+    assert options(accelerator="cuda")["num_gpus"] == 1.0  # NVIDIA and MetaX: Ray GPUs
+    assert options(accelerator="cuda", replica_num_gpus=0.5)["num_gpus"] == 0.5
+    assert options(accelerator="musa")["resources"] == {"mthreads_gpu": 1.0}  # Moore Threads: custom
+    assert options(accelerator="npu")["resources"] == {"NPU": 1.0}
+    assert "num_gpus" not in options(accelerator="cpu") and "resources" not in options(accelerator="cpu")
