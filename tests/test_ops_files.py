@@ -38,41 +38,27 @@ PROMETHEUS_RULE = ROOT / "k8s/prometheusrule.yaml"
 DASHBOARD_CONFIGMAP = ROOT / "k8s/grafana-dashboard.yaml"
 PODMONITOR = ROOT / "k8s/podmonitor.yaml"
 
-# The metrics contract with serving/metrics.py: a dashboard or rule that names
-# anything else would show "No data" forever.
-_HISTOGRAMS = {
-    "superbrain_request_duration_seconds",
-    "superbrain_queue_duration_seconds",
-    "superbrain_preprocess_duration_seconds",
-    "superbrain_compute_duration_seconds",
-    "superbrain_batch_size",
-}
-EXPORTED_METRICS = {f"{h}_{suffix}" for h in _HISTOGRAMS for suffix in ("bucket", "count", "sum")} | {
-    "superbrain_requests_total",
-    "superbrain_queue_depth",
-    "superbrain_inflight_requests",
-    "superbrain_replicas",
-    "superbrain_replicas_min",
-    "superbrain_overload_rejections_total",
-    "superbrain_quota_rejections_total",
-    "superbrain_tenant_accelerator_seconds_total",
-    "superbrain_model_load_seconds",
-    "superbrain_usage_pending_records",
-    "superbrain_usage_oldest_pending_seconds",
-    "superbrain_usage_flush_failures_total",
-    "superbrain_usage_records_stored_total",
-    "superbrain_build_info",
-    "superbrain_accelerator_utilization_ratio",
-    "superbrain_accelerator_memory_used_bytes",
-    "superbrain_accelerator_memory_total_bytes",
-    "superbrain_accelerator_temperature_celsius",
-    "superbrain_accelerator_power_watts",
-    "superbrain_accelerator_info",
-    "superbrain_accelerator_exporter_up",
-    "superbrain_accelerator_backend_up",
-    "superbrain_accelerator_devices",
-    "superbrain_accelerator_scrape_errors_total",
-}
+
+# The metrics contract: a dashboard or rule that names anything the app does not
+# export would show "No data" forever. Read from the code, so it cannot drift.
+def _exported_metrics() -> set[str]:
+    from serving import metrics as m
+    from serving.accel_metrics import AcceleratorCollector
+
+    names = {"superbrain_metrics_processes"}
+    for metric in m.ALL_METRICS:
+        if metric.kind == "counter":
+            names.add(f"{metric.name}_total")
+        elif metric.kind == "histogram":
+            names |= {f"{metric.name}_{suffix}" for suffix in ("bucket", "count", "sum")}
+        else:
+            names.add(metric.name)
+    for family in AcceleratorCollector().describe():
+        names.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    return names
+
+
+EXPORTED_METRICS = _exported_metrics()
 _METRIC_NAME = re.compile(r"\bsuperbrain_[a-z0-9_]+\b")
 
 
