@@ -121,6 +121,8 @@ def test_every_dashboard_query_and_rule_works_against_the_app(superbrain, promet
         time.sleep(8)  # a few scrapes with traffic in them
         queries = dashboard_queries(rate_interval="10s")
         assert len(queries) >= 15, "the dashboard lost its panels"
+        # Ray's own node metrics come through the same endpoint (one scrape job per node).
+        assert prometheus.wait_for('count({job="superbrain", __name__=~"ray_.+"})', timeout=20)
         devices = prometheus.query("sum(superbrain_accelerator_devices)")
         has_gpu = bool(devices) and float(devices[0]["value"][1]) > 0
         empty = []
