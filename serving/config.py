@@ -11,10 +11,13 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from serving.accel import AcceleratorOverride
 
 ENV_PREFIX = "SUPERBRAIN_"
 
@@ -118,7 +121,7 @@ class ServingConfig(BaseModel):
         return self
 
     @property
-    def accelerator_override(self):
+    def accelerator_override(self) -> AcceleratorOverride | None:
         """The accelerator settings as serving.accel wants them (None: decide from the node)."""
         from serving.accel import parse_override
 

@@ -41,6 +41,7 @@ DEVICE_METRICS = (
     "superbrain_accelerator_info",
 )
 
+
 def _arm_observation(robot: RobotClient) -> dict:
     spec = {e.name: e for model in robot.describe().models for e in model.embodiments}["franka_arm"]
     return {
