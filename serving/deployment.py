@@ -46,6 +46,9 @@ class PolicyReplica:
         self.policy.setup(self.device)
         load_s = time.monotonic() - load_started
         self.engine = PolicyEngine(self.policy)
+        self.gate = await self._start_gate(cfg) if cfg.auth else None
+        # With auth on, every batch is metered in one spool write before its answers leave.
+        self._run_engine = self.gate.metering(self.engine.run_batch) if self.gate else self.engine.run_batch
         wait_s = cfg.batch_wait_timeout_ms / 1e3
         submit: Submit
         if cfg.batcher == "serve":
@@ -53,9 +56,8 @@ class PolicyReplica:
             self.run_batch.set_batch_wait_timeout_s(wait_s)
             submit = self.run_batch
         else:
-            self.batcher = CapacityBatcher(self.engine.run_batch, cfg.max_batch_size, wait_s)
+            self.batcher = CapacityBatcher(self._run_engine, cfg.max_batch_size, wait_s)
             submit = self.batcher
-        self.gate = await self._start_gate(cfg) if cfg.auth else None
         self.access_log = open_access_log(cfg.access_log, cfg.state_path)
         servicer = PolicyServicer(
             self.policy,
@@ -124,7 +126,7 @@ class PolicyReplica:
     # larger batches under load (see serving.engine.CapacityBatcher).
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def run_batch(self, items: list[Pending]) -> list[Outcome]:
-        return await self.engine.run_batch(items)
+        return await self._run_engine(items)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metric: robots' requests this replica holds right now."""

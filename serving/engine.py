@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -36,6 +37,9 @@ class Pending:
     received: float = field(default_factory=time.monotonic)
     # Set when the caller has gone (cancelled, or its RPC ended): never compute for it.
     cancelled: bool = False
+    # The partner gate's usage stub for an admitted call (None with auth off); the
+    # gate meters the whole batch from it (serving.quota.gate.AccessGate.metering).
+    usage: Any = None
 
 
 @dataclass

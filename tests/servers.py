@@ -35,7 +35,7 @@ class IngressThread:
         self.access_log = access_log
         self.policy = policy
         self.engine = PolicyEngine(policy)
-        self.batcher = CapacityBatcher(self.engine.run_batch, max_batch_size, wait_s)
+        self.batcher = CapacityBatcher(self._run_batch, max_batch_size, wait_s)
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.loop = asyncio.new_event_loop()
@@ -43,6 +43,11 @@ class IngressThread:
         self.frontend: GrpcFrontend | None = None
         self._make_gate = gate
         self.gate: AccessGate | None = None
+
+    async def _run_batch(self, items):
+        # As in the replica: with a gate, the batch is metered before its answers leave.
+        run = self.gate.metering(self.engine.run_batch) if self.gate else self.engine.run_batch
+        return await run(items)
 
     def __enter__(self) -> IngressThread:
         self.thread.start()

@@ -240,3 +240,43 @@ def test_raw_grpc_gets_unauthenticated_status(partners):
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.PolicyServiceStub(ch).Act(pb.ActRequest(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_batch_is_metered_in_one_spool_write_before_its_answers(ledger_url, tmp_path):
+    """The batcher's metering hook: each admitted call once, with its own status, in one write."""
+    import asyncio
+
+    from serving.engine import Pending, PolicyEngine
+    from serving.policy.base import PolicyObservation
+
+    key = add_tenant(ledger_url, "acme", Plan(rate_per_s=1000, burst=1000))
+    p = Partners(ledger_url, tmp_path / "spool")
+
+    async def scenario():
+        gate = await p.make_gate()
+        caller = await gate.keys.caller(key)
+        now = time.monotonic()
+        obs = PolicyObservation(ARM.name, {"head": np.zeros((8, 8, 3), np.uint8)}, np.ones(3, np.float32))
+        items = []
+        for i in range(6):
+            usage = gate.usage(caller, f"bot-{i}", "echo", ARM.name, f"req-{i}")
+            # req-4 is already past its deadline; req-5's caller went away and the ingress recorded it.
+            deadline = now - 1 if i == 4 else now + 10
+            items.append(Pending(obs, deadline=deadline, received=now, usage=usage, cancelled=i == 5))
+        gate.record(items[5].usage, "CANCELLED", None)
+        writes = gate.spool.writes
+        outcomes = await gate.metering(PolicyEngine(EchoPolicy(), offload=False).run_batch)(items)
+        assert gate.spool.writes == writes + 1
+        assert all(item.usage.metered for item in items)
+        charged = gate.quota._slice("acme").accel_ms
+        await gate.close()
+        return outcomes, charged
+
+    outcomes, charged = asyncio.run(scenario())
+    records = {r.request_id: r for r in usage(ledger_url, "acme")}
+    assert len(records) == 6
+    assert {records[f"req-{i}"].status for i in range(4)} == {"OK"}
+    assert records["req-4"].status == "DEADLINE_EXCEEDED" and records["req-5"].status == "CANCELLED"
+    assert all(records[f"req-{i}"].batch_size == 4 for i in range(4))
+    assert records["req-0"].accel_ms == pytest.approx(outcomes[0].compute_ms / 4)
+    assert charged == pytest.approx(sum(r.accel_ms for r in records.values()))

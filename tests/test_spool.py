@@ -122,3 +122,17 @@ def test_rows_round_trip_in_field_order(tmp_path):
     record = UsageRecord(*row(spool, 7))
     assert UsageRecord(*record.to_row()) == record
     spool.close()
+
+
+def test_a_batch_is_one_spool_record_and_is_replayed_row_by_row(url, tmp_path):
+    dead = UsageSpool(tmp_path, url, segment_bytes=4096)
+    dead.append_rows([row(dead, i) for i in range(10)])
+    dead.append_row(row(dead, 10))
+    # A batch bigger than a whole segment gets a segment of its own.
+    dead.append_rows([row(dead, i) for i in range(11, 111)])
+    assert dead.writes == 3
+    crash(dead)
+    alive = UsageSpool(tmp_path, url)
+    assert alive.recover_orphans() == 111
+    alive.close()
+    assert sorted(r.request_id for r in stored(url)) == sorted(f"req-{i}" for i in range(111))
