@@ -67,12 +67,26 @@ class KeyCache:
         # dict lookup. Rebuilt empty at every reload, so revocation still applies.
         self._verified: dict[str, Caller] = {}
         self._loaded_at = 0.0
+        self._store: LedgerStore | None = None
         self._refreshing: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _load(self) -> tuple[dict[str, ApiKey], dict[str, Tenant]]:
-        with self._store_factory(self.ledger_url) as store:
-            return {k.key_id: k for k in store.list_keys()}, {t.name: t for t in store.list_tenants()}
+        # One connection kept open (reloads are coalesced, so one thread at a time
+        # uses it): opening a ledger every second cost 20x the two queries.
+        if self._store is None:
+            self._store = self._store_factory(self.ledger_url)
+        try:
+            return {k.key_id: k for k in self._store.list_keys()}, {t.name: t for t in self._store.list_tenants()}
+        except BaseException:
+            self._close_store()  # reopened at the next reload (the ledger may have restarted)
+            raise
+
+    def _close_store(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
 
     async def refresh(self) -> None:
         """Reload now (coalesced: concurrent callers share one reload)."""
@@ -105,6 +119,8 @@ class KeyCache:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._refreshing is None:  # a reload in flight closes nothing under its own feet
+            self._close_store()
 
     def cached(self, token: str | None) -> Caller | None:
         """The caller for a key already verified against the current snapshot (no hashing)."""

@@ -338,7 +338,9 @@ class ReplicaQuota:
         self,
         coordinator: Coordinator,
         *,
-        horizon_s: float = 0.25,
+        # Half the 1 s lease TTL: an exchange is a Ray actor call (a millisecond or two of
+        # CPU across both processes), so a busy replica makes only 2-3 a second.
+        horizon_s: float = 0.5,
         sync_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ):
