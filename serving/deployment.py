@@ -86,16 +86,17 @@ class PolicyReplica:
     async def _start_gate(cfg: ServingConfig) -> AccessGate:
         url = cfg.resolved_ledger_url
         spool = UsageSpool(cfg.state_path / "spool", url, flush_interval_s=cfg.usage_flush_s)
-        gate = AccessGate(
-            KeyCache(url, refresh_s=cfg.key_refresh_s),
-            ReplicaQuota(
-                ActorCoordinator(
-                    serve.get_replica_context().app_name, spool.replica_token, url, lease_ttl_s=cfg.lease_ttl_s
-                )
-            ),
-            spool,
+        coordinator = ActorCoordinator(
+            serve.get_replica_context().app_name, spool.replica_token, url, lease_ttl_s=cfg.lease_ttl_s
         )
+        gate = AccessGate(KeyCache(url, refresh_s=cfg.key_refresh_s), ReplicaQuota(coordinator), spool)
         await gate.start()
+        # Start (or find) the coordinator now: starting its Ray worker takes seconds
+        # of CPU, which would otherwise land on the first robots' calls.
+        try:
+            await coordinator.ready()
+        except Exception:
+            log.warning("quota coordinator not reachable yet; the first calls will retry it", exc_info=True)
         return gate
 
     def _start_telemetry(self, cfg: ServingConfig, servicer: PolicyServicer, load_s: float) -> m.ProcessTelemetry:

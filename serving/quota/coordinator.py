@@ -134,6 +134,10 @@ class ActorCoordinator:
     async def stats(self) -> dict:
         return await asyncio.wait_for(self._handle().stats.remote(), self.timeout_s)
 
+    async def ready(self, timeout_s: float = 30.0) -> None:
+        """Wait until the coordinator answers (creating it if no replica has yet)."""
+        await asyncio.wait_for(self._handle().stats.remote(), timeout_s)
+
     async def _call(self, method: str, *args):
         try:
             return await asyncio.wait_for(getattr(self._handle(), method).remote(self.replica, *args), self.timeout_s)
