@@ -261,3 +261,11 @@ def test_pipelined_engine_on_cuda_gives_the_sequential_results() -> None:
         for a, b in zip(seq, pipe, strict=True):
             np.testing.assert_array_equal(a, b)
 
+
+def test_the_replica_takes_its_array_backend_from_the_plan(tmp_path) -> None:
+    from serving.config import ServingConfig
+    from serving.deployment import PolicyReplica
+
+    pick = PolicyReplica.func_or_class._pick_device
+    assert pick(ServingConfig(state_dir=str(tmp_path))) == ("cpu", None, "numpy")
+    assert pick(ServingConfig(state_dir=str(tmp_path), array_backend="torch")) == ("cpu", None, "torch")
