@@ -269,3 +269,77 @@ def test_the_replica_takes_its_array_backend_from_the_plan(tmp_path) -> None:
     pick = PolicyReplica.func_or_class._pick_device
     assert pick(ServingConfig(state_dir=str(tmp_path))) == ("cpu", None, "numpy")
     assert pick(ServingConfig(state_dir=str(tmp_path), array_backend="torch")) == ("cpu", None, "torch")
+
+
+class _FakeStream:
+    def __init__(self, device=None) -> None:
+        self.device = torch.device("cuda", 0)
+        self.cuda_stream = id(self)
+        self.waited: list[object] = []
+
+    def wait_event(self, event: object) -> None:
+        self.waited.append(event)
+
+
+def test_cuda_stage_streams_wiring_with_stand_in_cuda(monkeypatch) -> None:
+    """Which stream each stage enters, where the event is recorded and waited for (no GPU: stand-ins)."""
+    import contextlib
+    import sys
+    import types
+
+    from serving.processing.streams import CudaStages
+
+    log: list[tuple] = []
+
+    @contextlib.contextmanager
+    def torch_stream(stream):
+        log.append(("torch enter", stream))
+        yield
+
+    class Event:
+        def record(self, stream) -> None:
+            log.append(("record", stream))
+
+    class CupyContext:
+        def __init__(self, kind: str, *args) -> None:
+            self.kind, self.args = kind, args
+
+        def __enter__(self):
+            log.append((f"cupy {self.kind}", *self.args))
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    fake_cupy = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(
+            ExternalStream=lambda ptr, index: CupyContext("stream", ptr, index),
+            Device=lambda index: CupyContext("device", index),
+        )
+    )
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", torch_stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+
+    stages = CudaStages("cuda", with_cupy=True)
+    pre, fwd = stages._pre, stages._fwd
+    with stages.preprocess():
+        ready = stages.record_ready()
+    assert log == [("torch enter", pre), ("cupy device", 0), ("cupy stream", id(pre), 0), ("record", pre)]
+    log.clear()
+    with stages.forward(ready):
+        pass
+    assert fwd.waited == [ready] and pre.waited == []  # the device waits, on the forward stream
+    assert log == [("torch enter", fwd), ("cupy device", 0), ("cupy stream", id(fwd), 0)]
+
+    class Tensor:
+        recorded: list[object] = []
+
+        def record_stream(self, stream) -> None:
+            self.recorded.append(stream)
+
+    stages.keep_for_forward([Tensor()])
+    assert Tensor.recorded == []  # CuPy memory: not torch's allocator
+    torch_only = CudaStages("cuda:0", with_cupy=False)
+    torch_only.keep_for_forward([Tensor(), Tensor()])
+    assert Tensor.recorded == [torch_only._fwd] * 2

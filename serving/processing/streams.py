@@ -66,22 +66,32 @@ class CudaStages(HostStages):
         self.device = torch.device(device)
         self._pre = torch.cuda.Stream(device=self.device)
         self._fwd = torch.cuda.Stream(device=self.device)
+        self._cupy: Any = None
+        self._cupy_index = 0
         self._cupy_pre = self._cupy_fwd = None
         if with_cupy:
             import cupy
 
+            self._cupy = cupy
+
             index = self._pre.device.index if self._pre.device.index is not None else torch.cuda.current_device()
             # The same CUDA streams seen from CuPy: its kernels, copies and DLPack exports then
             # order with torch's work on each stage's stream without any extra synchronisation.
+            self._cupy_index = index
             self._cupy_pre = cupy.cuda.ExternalStream(self._pre.cuda_stream, index)
             self._cupy_fwd = cupy.cuda.ExternalStream(self._fwd.cuda_stream, index)
+
+    def _enter(self, stack: contextlib.ExitStack, torch_stream: Any, cupy_stream: Any) -> None:
+        stack.enter_context(self._torch.cuda.stream(torch_stream))  # switches torch's device too
+        if cupy_stream is not None:
+            # CuPy refuses a stream of another device; a Device per entry (its context keeps a stack).
+            stack.enter_context(self._cupy.cuda.Device(self._cupy_index))
+            stack.enter_context(cupy_stream)
 
     @contextlib.contextmanager
     def preprocess(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(self._torch.cuda.stream(self._pre))
-            if self._cupy_pre is not None:
-                stack.enter_context(self._cupy_pre)
+            self._enter(stack, self._pre, self._cupy_pre)
             yield
 
     def record_ready(self) -> Any:
@@ -94,9 +104,7 @@ class CudaStages(HostStages):
         if ready is not None:
             self._fwd.wait_event(ready)  # device-side wait: the host goes straight on
         with contextlib.ExitStack() as stack:
-            stack.enter_context(self._torch.cuda.stream(self._fwd))
-            if self._cupy_fwd is not None:
-                stack.enter_context(self._cupy_fwd)
+            self._enter(stack, self._fwd, self._cupy_fwd)
             yield
 
     def keep_for_forward(self, tensors: Iterable[Any]) -> None:
