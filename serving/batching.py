@@ -4,7 +4,9 @@ One model serves every embodiment, so a batch mixes robots with different
 cameras, state sizes, action sizes and chunk lengths. Everything is padded to the
 model's maxima and paired with a mask, so each sample's output depends on that
 sample alone (the model never looks at padding). Frames are grouped by source
-size and each group is resized and normalised in one vectorised call.
+size and each group is resized and normalised in one vectorised call (one fused
+kernel launch on a backend that has one: CuPy; the seam's resize + normalise
+otherwise).
 
 Plain Python + an ``ArrayBackend``: no Ray, no torch import.
 """
@@ -18,7 +20,7 @@ import numpy as np
 
 from serving.models.embodiments import check_fits
 from serving.policy.base import EmbodimentSpec, PolicyObservation
-from serving.processing import ArrayBackend, get_backend, normalize_images, resize_bilinear, tokenize
+from serving.processing import ArrayBackend, get_backend, resize_normalize, tokenize
 from serving.processing.actions import float32_limits
 from serving.processing.backend import Array
 
@@ -205,9 +207,9 @@ class BatchAssembler:
                 part = members[start : start + block]
                 rows = xp.asarray(np.array([m[0] for m in part], dtype=np.int64))
                 slots = xp.asarray(np.array([m[1] for m in part], dtype=np.int64))
-                stacked = xp.asarray(np.stack([m[2] for m in part]))  # one host->device copy, as uint8
-                resized = resize_bilinear(stacked, size, size, xp)
-                images[rows, slots] = normalize_images(resized, dims.image_mean, dims.image_std, xp)
+                # One host->device copy of the group, as uint8; a fused kernel where the backend has one.
+                stacked = np.stack([m[2] for m in part])
+                images[rows, slots] = resize_normalize(stacked, size, size, dims.image_mean, dims.image_std, xp)
         return images, camera_mask
 
     def _state(self, observations: Sequence[PolicyObservation], ids: np.ndarray) -> np.ndarray:

@@ -54,6 +54,9 @@ class ServingConfig(BaseModel):
     # backend of the processing stage: "auto", "numpy", "torch" or "cupy".
     accelerator: str = Field("auto", validation_alias=AliasChoices("accelerator", "device"))
     array_backend: str = "auto"
+    # Overlap preprocessing of the next batch with the forward pass of the current
+    # one (serving/engine.py): "auto" is on for accelerators, off on CPU.
+    pipeline: Literal["auto", "on", "off"] = "auto"
     torch_threads: int | None = None
 
     # Batching across robots. "local": capacity-aware (a batch is formed when the

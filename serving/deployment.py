@@ -19,8 +19,9 @@ from serving import accel
 from serving import metrics as m
 from serving.access_log import open_access_log
 from serving.config import ServingConfig
-from serving.engine import CapacityBatcher, Outcome, Pending, PolicyEngine, Submit
+from serving.engine import CapacityBatcher, Outcome, Pending, PolicyEngine, Submit, resolve_pipeline
 from serving.ingress import GrpcFrontend, IngressLimits, PolicyServicer
+from serving.policy.base import setup_policy
 from serving.policy.loader import load_policy
 from serving.quota.coordinator import ActorCoordinator
 from serving.quota.gate import AccessGate, KeyCache
@@ -42,10 +43,10 @@ class PolicyReplica:
         self.cfg = cfg
         load_started = time.monotonic()
         self.policy = load_policy(cfg.policy, cfg.model_dir, seed=cfg.seed)
-        self.device, self._device_claim = self._pick_device(cfg)
-        self.policy.setup(self.device)
+        self.device, self._device_claim, array_backend = self._pick_device(cfg)
+        setup_policy(self.policy, self.device, array_backend)
         load_s = time.monotonic() - load_started
-        self.engine = PolicyEngine(self.policy)
+        self.engine = PolicyEngine(self.policy, pipeline=resolve_pipeline(cfg.pipeline, self.device))
         self.gate = await self._start_gate(cfg) if cfg.auth else None
         # With auth on, every batch is metered in one spool write before its answers leave.
         self._run_engine = self.gate.metering(self.engine.run_batch) if self.gate else self.engine.run_batch
@@ -56,7 +57,9 @@ class PolicyReplica:
             self.run_batch.set_batch_wait_timeout_s(wait_s)
             submit = self.run_batch
         else:
-            self.batcher = CapacityBatcher(self._run_engine, cfg.max_batch_size, wait_s)
+            self.batcher = CapacityBatcher(
+                self._run_engine, cfg.max_batch_size, wait_s, max_inflight=self.engine.max_inflight_batches
+            )
             submit = self.batcher
         self.access_log = open_access_log(cfg.access_log, cfg.state_path)
         servicer = PolicyServicer(
@@ -73,14 +76,20 @@ class PolicyReplica:
         log.info("replica serving %s %s on %s:%d", self.policy.name, self.policy.version, cfg.host, self.frontend.port)
 
     @staticmethod
-    def _pick_device(cfg: ServingConfig) -> tuple[str, accel.DeviceClaim | None]:
-        """This replica's torch device from what the node has (and, on MUSA, a claimed index)."""
+    def _pick_device(cfg: ServingConfig) -> tuple[str, accel.DeviceClaim | None, str]:
+        """This replica's torch device (and, on MUSA, a claimed index) and its array backend, from the node."""
         found = accel.probe()
         chosen = accel.plan(found, cfg.accelerator_override)
         device, claim = accel.replica_device(chosen, found, cfg.state_path / "devices")
         accel.import_device_plugin(device)
-        log.info("replica device %s (%s; %s)", device, chosen.vendor, "; ".join(chosen.reasons))
-        return device, claim
+        log.info(
+            "replica device %s, array backend %s (%s; %s)",
+            device,
+            chosen.array_backend,
+            chosen.vendor,
+            "; ".join(chosen.reasons),
+        )
+        return device, claim, chosen.array_backend
 
     @staticmethod
     async def _start_gate(cfg: ServingConfig) -> AccessGate:

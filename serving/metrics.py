@@ -102,6 +102,13 @@ COMPUTE_DURATION = MetricDef(
     ("model",),
     LATENCY_BUCKETS,
 )
+FORWARD_BUSY_SECONDS = MetricDef(
+    "superbrain_forward_busy_seconds",
+    "counter",
+    "Time the policy's forward stage held a batch (forward pass and outputs back on the host); "
+    "its rate per replica is the accelerator busy fraction",
+    ("model",),
+)
 BATCH_SIZE = MetricDef(
     "superbrain_batch_size", "histogram", "Requests per batch run by the policy", ("model",), BATCH_BUCKETS
 )

@@ -94,7 +94,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="run the whole list of systems this many times, interleaved; report each system's median round",
     )
-    parser.add_argument("--raw-repeats", type=int, default=5, help="raw model: best of this many repeats")
+    parser.add_argument(
+        "--raw-repeats", type=int, default=5, help="in-process timings (raw model, --device): best of this many repeats"
+    )
+    device = parser.add_argument_group(
+        "accelerators (W2)",
+        "--device runs W2's in-process accelerator benchmark instead of the served-system sweep: preprocessing "
+        "frames/s per array backend, model forward time per batch size, busy fraction at saturation",
+    )
+    device.add_argument("--device", choices=("cpu", "cuda"), help="measure on this device (W2 only)")
+    device.add_argument(
+        "--preprocess-batches", default="1,8,64,256", help="--device: preprocessing batch sizes, comma-separated"
+    )
+    device.add_argument(
+        "--forward-max-batch", type=int, default=256, help="--device: model forward at batch 1, 2, 4, ... up to this"
+    )
+    device.add_argument(
+        "--saturation-s", type=float, default=5.0, help="--device: seconds measured at saturation per mode"
+    )
+    device.add_argument(
+        "--max-batch-size", type=int, default=32, help="--device: the engine's max batch size at saturation"
+    )
     parser.add_argument("--workdir", help="where system logs go (default: a temporary directory)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the logs even when everything worked")
 
@@ -387,6 +407,10 @@ def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "device", None):
+        from serving.bench.device import main as device_main  # in-process: no systems, no harness
+
+        return device_main(args)
     from serving.bench.workloads import build
 
     workload = args.workload.upper()

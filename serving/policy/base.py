@@ -10,10 +10,14 @@ in order. Partners plug their own class in with ``--policy module:Class``.
 from __future__ import annotations
 
 import abc
+import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,16 @@ class Policy(abc.ABC):
     def embodiments(self) -> dict[str, EmbodimentSpec]:
         """Embodiments this policy serves, by name."""
 
-    def setup(self, device: str = "cpu") -> None:  # noqa: B027 - optional hook
-        """Load weights and move them to ``device``; called once per replica."""
+    def setup(self, device: str = "cpu", array_backend: str | None = None) -> None:  # noqa: B027 - optional hook
+        """Load weights and move them to ``device``; called once per replica.
+
+        ``array_backend`` ("numpy", "torch", "cupy"; None: the policy's own
+        choice) is what the replica resolved for its pre/post-processing
+        (serving/accel.py, the ``array_backend`` setting). A policy that does no
+        array work of its own may ignore it. Policies written before it existed,
+        with ``setup(self, device)``, keep working: ``setup_policy`` only passes
+        it to a ``setup`` that takes it.
+        """
 
     @abc.abstractmethod
     def preprocess(self, observations: list[PolicyObservation]) -> Any:
@@ -100,3 +112,22 @@ class Policy(abc.ABC):
     def infer(self, observations: list[PolicyObservation]) -> list[np.ndarray]:
         """preprocess -> forward -> postprocess; what the engine calls per batch."""
         return self.postprocess(self.forward(self.preprocess(observations)), observations)
+
+
+def setup_policy(policy: Policy, device: str, array_backend: str | None = None) -> None:
+    """``policy.setup(device, array_backend=...)``, or ``policy.setup(device)`` for a setup that does not take it.
+
+    Partners' policies may override ``setup(self, device)`` only; they still get
+    their device, and the log says that the array backend was left to them.
+    """
+    try:
+        params = inspect.signature(policy.setup).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C-implemented setup: call it the old way
+        params = ()
+    takes_backend = any(p.name == "array_backend" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    if takes_backend:
+        policy.setup(device, array_backend=array_backend)
+        return
+    if array_backend is not None:
+        log.info("%s.setup takes no array_backend: %r is left to the policy", type(policy).__name__, array_backend)
+    policy.setup(device)

@@ -8,7 +8,7 @@ ship uint8 frames once, resize and normalise on the device).
 
 from serving.processing.actions import clip_actions, float32_limits, unnormalize_actions
 from serving.processing.backend import ArrayBackend, NumpyBackend, TorchBackend, backend_for, get_backend
-from serving.processing.image import normalize_images, resize_bilinear
+from serving.processing.image import normalize_images, resize_bilinear, resize_normalize
 from serving.processing.text import tokenize
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "get_backend",
     "normalize_images",
     "resize_bilinear",
+    "resize_normalize",
     "tokenize",
     "unnormalize_actions",
 ]

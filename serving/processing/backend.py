@@ -172,6 +172,23 @@ def get_backend(name: str, device: str = "cpu") -> ArrayBackend:
     return cls(device)
 
 
+def resolve_backend_name(name: str | None, device: str) -> str:
+    """The array backend to use on ``device``: ``name`` itself, or for ``None``/"auto" what the node plan says.
+
+    "auto" on a CPU device is numpy without probing anything (host arrays are
+    handed to torch as views). On an accelerator it is ``serving.accel.plan``'s
+    choice for that device (CuPy where CuPy sees the CUDA/ROCm device, else
+    torch), so a policy set up outside a replica picks what a replica would.
+    """
+    if name not in (None, "auto"):
+        return name
+    if device.split(":")[0] == "cpu":
+        return "numpy"
+    from serving import accel  # here: probing imports device plugins and CuPy
+
+    return accel.plan(accel.probe(), accel.AcceleratorOverride(device=device)).array_backend
+
+
 def backend_for(x: Array) -> ArrayBackend:
     """The backend an existing array belongs to (numpy for ndarrays, torch or cupy on the array's device)."""
     if isinstance(x, np.ndarray):

@@ -95,3 +95,25 @@ def normalize_images(
     out = xp.permute(x, (0, 3, 1, 2)) * scale
     out += bias
     return out
+
+
+def resize_normalize(
+    frames: Array,
+    out_h: int,
+    out_w: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    xp: ArrayBackend,
+) -> Array:
+    """uint8 (N, H, W, 3) -> the model's float32 (N, 3, out_h, out_w): ``normalize_images(resize_bilinear(...))``.
+
+    A backend with a fused kernel for this (``CupyBackend.resize_normalize``: one
+    launch, reading host frames through its pinned staging buffers) gets to run
+    it; every other backend runs the two seam kernels above. Both compute the
+    same numbers (tests/test_array_backends.py), so callers never need to know
+    which path ran.
+    """
+    fused = getattr(xp, "resize_normalize", None)
+    if fused is not None:
+        return fused(frames, out_h, out_w, mean, std)
+    return normalize_images(resize_bilinear(xp.asarray(frames), out_h, out_w, xp), mean, std, xp)
