@@ -6,7 +6,7 @@ budgets survive restarts. Ingress replicas call it only to renew their leases,
 a few times a second per replica, never per request.
 
 Its lifetime is a lease too, which keeps it to one process: the replicas create
-it on first use (a named, detached actor; ``get_if_exists`` makes concurrent
+it as they start (a named, detached actor; ``get_if_exists`` makes concurrent
 creation safe) and it exits by itself once no replica has called for
 ``idle_exit_s``. So it lives exactly as long as the app's replicas do, however
 the app was deployed (``serve run``, ``serve deploy``, KubeRay), and a quick
