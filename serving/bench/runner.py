@@ -10,6 +10,7 @@ the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -93,6 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="run the whole list of systems this many times, interleaved; report each system's median round",
+    )
+    parser.add_argument(
+        "--alternate",
+        action="store_true",
+        help="keep every system up at once and alternate their loads round by round (order flipped each "
+        "round): pairs minutes apart become pairs seconds apart, and no round pays a start-up",
     )
     parser.add_argument(
         "--raw-repeats", type=int, default=5, help="in-process timings (raw model, --device): best of this many repeats"
@@ -394,6 +401,49 @@ def _run_system(
         return {"error": str(exc).splitlines()[0], "description": DESCRIPTIONS[name]}
 
 
+def _run_alternating(
+    systems: list[str],
+    workload: str,
+    levels: list[int],
+    calls: int,
+    warmup: int,
+    workdir: Path,
+    server_env: dict[str, str],
+    args: argparse.Namespace,
+    n_rounds: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every system up at once; each round loads them one after another, order flipped each round.
+
+    On a shared VM whose speed drifts over minutes, the two halves of a pair are
+    then seconds apart instead of a system start-up apart, and no round measures
+    a freshly started system. The idle systems cost a little CPU in every
+    measurement, the same for each. Server CPU per call counts only the loaded
+    system's processes.
+    """
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
+    with contextlib.ExitStack() as stack:
+        running: dict[str, RunningSystem] = {}
+        for name in systems:
+            t0 = time.monotonic()
+            _log(f"{name}: starting ({DESCRIPTIONS[name]})")
+            running[name] = stack.enter_context(RunningSystem(name, workload, workdir, extra_env=server_env))
+            _log(f"{name}: ready on {running[name].target} after {time.monotonic() - t0:.1f}s")
+        time.sleep(args.settle_s)
+        for r in range(n_rounds):
+            _log(f"round {r + 1}/{n_rounds}")
+            for name in systems if r % 2 == 0 else systems[::-1]:
+                try:
+                    report = _run_harness(running[name], workload, levels, calls, warmup, workdir)
+                    info = {"description": DESCRIPTIONS[name], "server": running[name].info}
+                    result = {**_summarise_sweep(report), **info}
+                    _log(f"{name}: peak {result['rps']:.0f}/s")
+                except Exception as exc:
+                    _log(f"{name}: FAILED: {exc}")
+                    result = {"error": str(exc).splitlines()[0], "description": DESCRIPTIONS[name]}
+                rounds[name].append(result)
+    return rounds
+
+
 def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median peak throughput (all of one run's figures, never mixed across runs)."""
     ok = [r for r in runs if "error" not in r]
@@ -424,13 +474,18 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     n_rounds = 1 if args.smoke else max(1, args.rounds)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
-    for r in range(n_rounds):
-        if n_rounds > 1:
-            _log(f"round {r + 1}/{n_rounds}")
-        for name in systems:
-            rounds[name].append(
-                _run_system(name, workload, wl.policy, levels, calls, warmup, workdir, server_env, args)
-            )
+    if args.alternate and not args.smoke:
+        if RAW_MODEL in systems:
+            raise SystemExit(f"--alternate drives running servers; leave {RAW_MODEL} out")
+        rounds = _run_alternating(systems, workload, levels, calls, warmup, workdir, server_env, args, n_rounds)
+    else:
+        for r in range(n_rounds):
+            if n_rounds > 1:
+                _log(f"round {r + 1}/{n_rounds}")
+            for name in systems:
+                rounds[name].append(
+                    _run_system(name, workload, wl.policy, levels, calls, warmup, workdir, server_env, args)
+                )
     results = {name: _median_round(runs) for name, runs in rounds.items()}
     failed = any("error" in results.get(name, {}) for name in ("superbrain", "grpc_limit") if name in results)
     ratios = compute_ratios(workload, results, levels)
@@ -441,6 +496,7 @@ def main(args: argparse.Namespace) -> int:
         "calls_per_robot": calls,
         "warmup_calls_per_robot": warmup,
         "rounds": n_rounds,
+        "alternate": bool(args.alternate and not args.smoke),
         "server_env": server_env,
         "systems": results,
         **ratios,
