@@ -26,6 +26,7 @@ from serving.processing import clip_actions, get_backend, normalize_images, resi
 from serving.processing.backend import backend_for, to_torch
 from serving.processing.cupy_backend import RESIZE_NORMALIZE_SOURCE, affine_constants
 from serving.processing.image import _axis_plan
+from tests.gpu_support import cupy_devices, needs_cupy
 
 # Tolerances, and why they are what they are.
 #: Resized pixels lie in [0, 255]. numpy and torch run the same float32 operations,
@@ -168,7 +169,7 @@ def test_to_torch_is_zero_copy(rng) -> None:
 def test_cupy_backend_is_registered_but_optional() -> None:
     with pytest.raises(ValueError, match="CUDA/ROCm devices"):
         get_backend("cupy", "cpu")
-    if _cupy_devices() == 0:
+    if cupy_devices() == 0:
         from serving.processing.cupy_backend import CupyUnavailable
 
         with pytest.raises(CupyUnavailable):
@@ -241,26 +242,6 @@ def test_fused_kernel_source_matches_numpy_on_cpu(emulated_kernel, rng, n, in_h,
 
 
 # --------------------------------------------------------------------------- CuPy vs numpy (needs a GPU)
-
-
-def _cupy_devices() -> int:
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # not installed, no driver, no device
-        return 0
-
-
-def _cupy_skip_reason() -> str:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return "cupy is not installed (pip install 'superbrain[cuda]')"
-    return "cupy sees no CUDA/ROCm device"
-
-
-needs_cupy = pytest.mark.skipif(_cupy_devices() == 0, reason=_cupy_skip_reason())
 
 
 @pytest.fixture(scope="module")

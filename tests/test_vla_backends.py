@@ -22,6 +22,7 @@ from serving.policy.vla_policy import TorchBatch, VLAPolicy
 from serving.processing import NumpyBackend, get_backend, normalize_images, resize_bilinear, resize_normalize
 from serving.processing.backend import resolve_backend_name
 from serving.processing.streams import HostStages, stage_streams
+from tests.gpu_support import needs_cupy
 
 EMBODIMENTS = default_embodiments()
 #: Actions in robot units. The two backends feed the same torch model the same state,
@@ -196,26 +197,9 @@ def test_stage_streams_are_host_no_ops_off_cuda() -> None:
 # --------------------------------------------------------------------------- on a GPU
 
 
-def _cupy_devices() -> int:
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # not installed, no driver, no device
-        return 0
-
-
-def _cupy_skip_reason() -> str:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return "cupy is not installed (pip install 'superbrain[cuda]')"
-    return "cupy sees no CUDA/ROCm device"
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to torch")
-@pytest.mark.skipif(_cupy_devices() == 0, reason=_cupy_skip_reason())
+@needs_cupy
 @pytest.mark.parametrize("spec", EMBODIMENTS, ids=lambda s: s.name)
 def test_cupy_backend_through_vla_policy_matches_numpy_on_cpu(policies, rng, spec) -> None:
     gpu = VLAPolicy.default(seed=0)

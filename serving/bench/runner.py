@@ -392,13 +392,30 @@ def _run_system(
                 # Ray keeps starting things for a few seconds after the first answer; that
                 # work is not serving cost, and it would land on whichever system is measured.
                 time.sleep(0.0 if args.smoke else args.settle_s)
-                report = _run_harness(running, workload, levels, calls, warmup, workdir)
-            result = {**_summarise_sweep(report), "description": DESCRIPTIONS[name], "server": running.info}
+                return _drive(running, workload, levels, calls, warmup, workdir, t0)
         _log(f"{name}: peak {result['rps']:.0f}/s ({time.monotonic() - t0:.0f}s)")
         return result
     except Exception as exc:
-        _log(f"{name}: FAILED: {exc}")
-        return {"error": str(exc).splitlines()[0], "description": DESCRIPTIONS[name]}
+        return _failed(name, exc)
+
+
+def _drive(
+    running: RunningSystem, workload: str, levels: list[int], calls: int, warmup: int, workdir: Path, t0: float
+) -> dict[str, Any]:
+    """Load a running system with the harness; its summary (or {"error": ...})."""
+    name = running.system
+    try:
+        report = _run_harness(running, workload, levels, calls, warmup, workdir)
+    except Exception as exc:
+        return _failed(name, exc)
+    result = {**_summarise_sweep(report), "description": DESCRIPTIONS[name], "server": running.info}
+    _log(f"{name}: peak {result['rps']:.0f}/s ({time.monotonic() - t0:.0f}s)")
+    return result
+
+
+def _failed(name: str, exc: Exception) -> dict[str, Any]:
+    _log(f"{name}: FAILED: {exc}")
+    return {"error": str(exc).splitlines()[0], "description": DESCRIPTIONS[name]}
 
 
 def _run_alternating(
@@ -432,15 +449,7 @@ def _run_alternating(
         for r in range(n_rounds):
             _log(f"round {r + 1}/{n_rounds}")
             for name in systems if r % 2 == 0 else systems[::-1]:
-                try:
-                    report = _run_harness(running[name], workload, levels, calls, warmup, workdir)
-                    info = {"description": DESCRIPTIONS[name], "server": running[name].info}
-                    result = {**_summarise_sweep(report), **info}
-                    _log(f"{name}: peak {result['rps']:.0f}/s")
-                except Exception as exc:
-                    _log(f"{name}: FAILED: {exc}")
-                    result = {"error": str(exc).splitlines()[0], "description": DESCRIPTIONS[name]}
-                rounds[name].append(result)
+                rounds[name].append(_drive(running[name], workload, levels, calls, warmup, workdir, time.monotonic()))
     return rounds
 
 
