@@ -279,6 +279,7 @@ class AccessGate:
 _ACCEL_MS = 8
 
 
+@dataclass(slots=True)
 class Usage:
     """What is known about an admitted call when it is admitted; ``metered`` once its record is written.
 
@@ -288,26 +289,14 @@ class Usage:
     Both run on the event loop, so there is no race.
     """
 
-    __slots__ = ("tenant", "key_id", "robot_id", "model", "embodiment", "request_id", "admitted_at", "metered")
-
-    def __init__(
-        self,
-        tenant: str,
-        key_id: str,
-        robot_id: str,
-        model: str,
-        embodiment: str,
-        request_id: str,
-        admitted_at: float,
-    ):
-        self.tenant = tenant
-        self.key_id = key_id
-        self.robot_id = robot_id
-        self.model = model
-        self.embodiment = embodiment
-        self.request_id = request_id
-        self.admitted_at = admitted_at
-        self.metered = False
+    tenant: str
+    key_id: str
+    robot_id: str
+    model: str
+    embodiment: str
+    request_id: str
+    admitted_at: float
+    metered: bool = False
 
 
 _LIMIT_TEXT = {
