@@ -17,6 +17,7 @@ import pytest
 from serving.client import RobotClient
 from serving.client._common import NO_RETRY
 from serving.client.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from serving.errors import RequestError
 from serving.quota.gate import BAD_KEY, AccessGate, KeyCache
 from serving.quota.keys import new_key
 from serving.quota.leases import LocalCoordinator, QuotaBook, ReplicaQuota
@@ -104,6 +105,36 @@ def test_a_right_key_id_with_a_wrong_secret_is_refused(partners):
     with RobotClient(partners.server.address, api_key=forged, retry=NO_RETRY) as robot:
         with pytest.raises(Unauthenticated):
             robot.act(**OBS)
+
+
+def test_the_key_cache_is_keyed_by_the_header_as_sent_and_emptied_by_a_reload(ledger_url):
+    """The hot path looks the raw authorization value up; only verified values get in."""
+    import asyncio
+
+    key = add_tenant(ledger_url, "acme", Plan())
+    cache = KeyCache(ledger_url, refresh_s=60)
+
+    async def scenario():
+        await cache.start()
+        try:
+            for header in (f"Bearer {key}", f"bearer {key}", f"Bearer {key}".encode()):
+                assert cache.cached(header) is None
+                assert (await cache.authenticate(header)).tenant.name == "acme"
+                assert cache.cached(header).key_id == key.split("_")[1]
+            forged = f"Bearer {key[:-4]}xxxx"
+            with pytest.raises(RequestError):
+                await cache.authenticate(forged)
+            assert cache.cached(forged) is None
+            with open_store(ledger_url) as store:
+                store.revoke_key(key.split("_")[1])
+            await cache.refresh()
+            assert cache.cached(f"Bearer {key}") is None
+            with pytest.raises(RequestError):
+                await cache.authenticate(f"Bearer {key}")
+        finally:
+            cache.stop()
+
+    asyncio.run(scenario())
 
 
 def test_describe_needs_a_key_too(partners):

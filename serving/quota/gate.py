@@ -63,9 +63,10 @@ class KeyCache:
         self._store_factory = store_factory
         self._keys: dict[str, ApiKey] = {}
         self._tenants: dict[str, Tenant] = {}
-        # Presented keys already checked against this snapshot: the hot path is one
-        # dict lookup. Rebuilt empty at every reload, so revocation still applies.
-        self._verified: dict[str, Caller] = {}
+        # Authorization values (``Bearer <key>``, as sent) already checked against this
+        # snapshot: the hot path is one dict lookup, not even a parse. Rebuilt empty
+        # at every reload, so revocation still applies.
+        self._verified: dict[str | bytes, Caller] = {}
         self._loaded_at = 0.0
         self._store: LedgerStore | None = None
         self._refreshing: asyncio.Task[None] | None = None
@@ -122,9 +123,16 @@ class KeyCache:
         if self._refreshing is None:  # a reload in flight closes nothing under its own feet
             self._close_store()
 
-    def cached(self, token: str | None) -> Caller | None:
-        """The caller for a key already verified against the current snapshot (no hashing)."""
-        return self._verified.get(token) if token else None
+    def cached(self, header: str | bytes | None) -> Caller | None:
+        """The caller for an authorization value already verified against the current snapshot."""
+        return self._verified.get(header) if header is not None else None
+
+    async def authenticate(self, header: str | bytes | None) -> Caller:
+        """The caller an authorization value (``Bearer <key>``) belongs to, or UNAUTHENTICATED."""
+        caller = await self.caller(keys.token_of(header))
+        if header is not None and len(self._verified) < MAX_VERIFIED:
+            self._verified[header] = caller
+        return caller
 
     async def caller(self, token: str | None) -> Caller:
         """The caller a bearer token belongs to, or UNAUTHENTICATED."""
@@ -145,10 +153,7 @@ class KeyCache:
         tenant = self._tenants.get(record.tenant)
         if tenant is None:
             raise unauthenticated(BAD_KEY)
-        caller = Caller(tenant=tenant, key_id=key_id)
-        if len(self._verified) < MAX_VERIFIED:
-            self._verified[token] = caller  # type: ignore[index]
-        return caller
+        return Caller(tenant=tenant, key_id=key_id)
 
 
 class AccessGate:
@@ -174,10 +179,10 @@ class AccessGate:
 
     def cached_caller(self, metadata) -> Caller | None:
         """Fast path: a key this replica already verified (None: call ``authenticate``)."""
-        return self.keys.cached(keys.bearer_token(metadata))
+        return self.keys.cached(keys.authorization(metadata))
 
     async def authenticate(self, metadata) -> Caller:
-        return await self.keys.caller(keys.bearer_token(metadata))
+        return await self.keys.authenticate(keys.authorization(metadata))
 
     def try_admit(self, caller: Caller) -> bool:
         """Fast path: take a token from this replica's slice (False: await ``admit``)."""

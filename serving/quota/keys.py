@@ -52,14 +52,26 @@ def matches(plaintext: str, record: ApiKey) -> bool:
     return hmac.compare_digest(hash_key(plaintext), record.secret_hash)
 
 
-def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
-    """The key from ``authorization: Bearer <key>`` metadata, or None."""
+def authorization(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | bytes | None:
+    """The raw value of the first ``authorization`` entry, or None."""
     for name, value in metadata or ():
         if name == "authorization":
-            if isinstance(value, bytes):
-                value = value.decode(errors="replace")
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
+            return value
+    return None
+
+
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
+    """The key from ``authorization: Bearer <key>`` metadata, or None."""
+    return token_of(authorization(metadata))
+
+
+def token_of(header: str | bytes | None) -> str | None:
+    """The key in an ``authorization`` value (``Bearer <key>``), or None."""
+    if header is None:
+        return None
+    if isinstance(header, bytes):
+        header = header.decode(errors="replace")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     return None

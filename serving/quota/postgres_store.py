@@ -69,7 +69,7 @@ class PostgresLedgerStore(SqlLedgerStore):
         for statement in statements:
             cur.execute(statement)
 
-    def _insert_usage_rows(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
+    def _insert_usage_rows(self, cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
         cur.execute("CREATE TEMP TABLE usage_incoming (LIKE usage_records INCLUDING DEFAULTS) ON COMMIT DROP")
         with cur.copy(f"COPY usage_incoming ({USAGE_COLS}) FROM STDIN") as copy:
             for row in rows:

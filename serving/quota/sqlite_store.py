@@ -97,7 +97,7 @@ class SqliteLedgerStore(SqlLedgerStore):
         for statement in statements:
             cur.execute(statement)
 
-    def _insert_usage_rows(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
+    def _insert_usage_rows(self, cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
         # Many rows per statement: sqlite3 releases the GIL around every statement
         # step, and executemany's one step per row made the replica's flusher thread
         # fight the request loop for the GIL ~1000 times per flush.

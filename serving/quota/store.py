@@ -220,8 +220,8 @@ class SqlLedgerStore(ABC):
         """Run the DDL, serialized against other processes migrating the same ledger."""
 
     @abstractmethod
-    def _insert_usage_rows(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
-        """Insert rows (sorted by id), skipping ids already present; return how many were new."""
+    def _insert_usage_rows(self, cur: Any, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Insert rows, skipping ids already present; return how many were new."""
 
     @abstractmethod
     def _floor_div(self, expr: str, divisor: int) -> str:
@@ -339,8 +339,9 @@ class SqlLedgerStore(ABC):
     def insert_usage(self, records: Sequence[UsageRecord]) -> int:
         """Store records in one transaction, once per ``id``; returns how many were new.
 
-        Rows go in sorted by id, so concurrent writers with overlapping batches
-        take row locks in the same order (no deadlock on PostgreSQL).
+        Concurrent writers never deadlock: SQLite takes one write lock per
+        transaction, and PostgreSQL inserts in id order (so overlapping batches take
+        row locks in the same order).
         """
         return self.insert_usage_rows([r.to_row() for r in records])
 
@@ -351,9 +352,8 @@ class SqlLedgerStore(ABC):
         """
         if not rows:
             return 0
-        ordered = sorted(rows, key=lambda row: row[0])
         with self._tx(write=True) as cur:
-            return self._insert_usage_rows(cur.raw, ordered)
+            return self._insert_usage_rows(cur.raw, rows)
 
     def usage_totals(self, since: float, until: float) -> dict[str, TenantTotals]:
         with self._tx() as cur:
