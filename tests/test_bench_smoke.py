@@ -50,3 +50,77 @@ def test_bench_alternate_keeps_both_systems_up_and_pairs_every_round() -> None:
     starts = [line for line in proc.stderr.splitlines() if ": starting (" in line]
     assert len(starts) == 2
     assert proc.stderr.index("round 1/2") > max(proc.stderr.index(line) for line in starts)
+
+
+def test_bench_interleave_switches_one_load_between_running_systems() -> None:
+    cmd = [sys.executable, "-m", "serving.cli", "bench", "--systems", "superbrain_no_ray,grpc_limit", "--interleave"]
+    cmd += ["--rounds", "3", "--phase-s", "0.6", "--concurrency", "1,4", "--settle-s", "0", "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["interleave"] == {"phase_s": 0.6} and summary["concurrency"] == [4]
+    for system in ("superbrain_no_ray", "grpc_limit"):
+        result = summary["systems"][system]
+        assert result["errors"] == 0 and result["peak_concurrency"] == 4
+        assert len(result["rounds_rps"]) == 3 and all(rps > 0 for rps in result["rounds_rps"])
+    # Latency at 1 robot was not measured, so no p50 ratio at 1 is claimed.
+    assert "p50_ratio_at_1" not in summary
+
+
+def test_interleaved_turns_alternate_and_each_system_gets_only_its_own_metadata() -> None:
+    """harness.run_interleaved against two recording servers: turn order, counting, metadata routing."""
+    import asyncio
+    import time
+
+    import grpc
+
+    from serving.api import pb
+    from serving.bench import harness
+
+    reply = pb.ActResponse(timing=pb.ServerTiming(batch_size=1))
+    reply.actions.shape.extend([1, 1])
+    reply.actions.data = b"\0\0\0\0"
+    seen: dict[str, list[tuple[float, tuple]]] = {"a": [], "b": []}
+
+    def server_for(name: str) -> grpc.aio.Server:
+        async def act(request: bytes, context) -> bytes:
+            metadata = tuple((k, v) for k, v in context.invocation_metadata() if k in ("authorization", "x-who"))
+            seen[name].append((time.perf_counter(), metadata))
+            await asyncio.sleep(0.002)
+            return reply.SerializeToString()
+
+        handler = grpc.unary_unary_rpc_method_handler(act)
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("superbrain.v1.PolicyService", {"Act": handler}),)
+        )
+        return server
+
+    async def scenario() -> dict:
+        servers = {name: server_for(name) for name in seen}
+        ports = {name: s.add_insecure_port("127.0.0.1:0") for name, s in servers.items()}
+        for s in servers.values():
+            await s.start()
+        try:
+            targets = [
+                {"name": "a", "target": f"127.0.0.1:{ports['a']}", "metadata": [["authorization", "Bearer k-a"]]},
+                {"name": "b", "target": f"127.0.0.1:{ports['b']}", "metadata": [["x-who", "b"]]},
+            ]
+            return await harness.run_interleaved(targets, "W1", 3, phase_s=0.3, cycles=4, settle_s=0.05)
+        finally:
+            for s in servers.values():
+                await s.stop(0)
+
+    report = asyncio.run(scenario())
+    assert {md for _, md in seen["a"]} == {(("authorization", "Bearer k-a"),)}
+    assert {md for _, md in seen["b"]} == {(("x-who", "b"),)}
+    for name in ("a", "b"):
+        turns = report["systems"][name]["rounds"]
+        assert len(turns) == 4
+        assert all(t["errors"] == 0 and t["ok"] > 0 and t["rps"] > 0 for t in turns)
+        # Counted calls come from the counted part of a turn only, never the whole run.
+        assert sum(t["ok"] for t in turns) < len(seen[name])
+    # Turns: a warm-up turn each, then a b | b a | a b | b a: calls to a and b come in runs, not mixed.
+    calls = sorted([(t, "a") for t, _ in seen["a"]] + [(t, "b") for t, _ in seen["b"]])
+    switches = sum(1 for (_, x), (_, y) in zip(calls, calls[1:], strict=False) if x != y)
+    assert switches < 60  # 9 turn boundaries; a few calls in flight straddle each

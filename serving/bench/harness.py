@@ -28,6 +28,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -43,6 +44,16 @@ def _identity(b: bytes) -> bytes:
 
 
 @dataclass
+class CallOutcome:
+    """One call as the robot saw it: latency, the server's batch size, or an error code."""
+
+    latency_ms: float
+    batch_size: int = 0
+    error_code: str = ""
+    error_detail: str = ""
+
+
+@dataclass
 class LevelResult:
     concurrency: int
     calls: int = 0
@@ -53,6 +64,15 @@ class LevelResult:
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     batch_sizes: list[int] = field(default_factory=list, repr=False)
     duration_s: float = 0.0
+
+    def add(self, outcome: CallOutcome) -> None:
+        self.calls += 1
+        if outcome.error_code:
+            self.record_error(outcome.error_code, outcome.error_detail)
+        else:
+            self.ok += 1
+            self.latencies_ms.append(outcome.latency_ms)
+            self.batch_sizes.append(outcome.batch_size)
 
     def record_error(self, code: str, detail: str) -> None:
         self.errors += 1
@@ -113,30 +133,25 @@ class Robot:
                 ("grpc.max_send_message_length", 64 << 20),
             ],
         )
-        self.call = self.channel.unary_unary(ACT_METHOD, request_serializer=None, response_deserializer=_identity)
+        self.call_act = self.channel.unary_unary(ACT_METHOD, request_serializer=None, response_deserializer=_identity)
         self.request = request
         self.metadata = metadata or None
 
     async def act(self, result: LevelResult | None) -> None:
+        outcome = await self.call()
+        if result is not None:
+            result.add(outcome)
+
+    async def call(self) -> CallOutcome:
         t0 = time.perf_counter()
         try:
-            reply = await self.call(self.request, timeout=CALL_TIMEOUT_S, metadata=self.metadata)
+            reply = await self.call_act(self.request, timeout=CALL_TIMEOUT_S, metadata=self.metadata)
             batch = _check_reply(reply)
         except grpc.aio.AioRpcError as err:
-            if result is not None:
-                result.calls += 1
-                result.record_error(err.code().name, err.details() or "")
-            return
+            return CallOutcome(0.0, error_code=err.code().name, error_detail=err.details() or "")
         except Exception as err:  # a reply that does not parse, or no actions in it
-            if result is not None:
-                result.calls += 1
-                result.record_error("BAD_REPLY", repr(err))
-            return
-        if result is not None:
-            result.latencies_ms.append((time.perf_counter() - t0) * 1e3)
-            result.calls += 1
-            result.ok += 1
-            result.batch_sizes.append(batch)
+            return CallOutcome(0.0, error_code="BAD_REPLY", error_detail=repr(err))
+        return CallOutcome((time.perf_counter() - t0) * 1e3, batch)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -198,6 +213,72 @@ async def run_sweep(
     return {"target": target, **build(workload).summary(), "calls_per_robot": calls, "levels": out_levels}
 
 
+@dataclass
+class Phase:
+    """One system's turn in an interleaved run: calls that end inside it, after its settle time, count."""
+
+    system: int
+    result: LevelResult
+    counted_from: float
+
+
+async def run_interleaved(
+    targets: list[dict[str, Any]], workload: str, concurrency: int, phase_s: float, cycles: int, settle_s: float
+) -> dict[str, Any]:
+    """Continuous closed-loop load that switches between systems every ``phase_s``.
+
+    Every robot holds a connection to every system and always calls the system
+    whose turn it is. Each cycle gives every system one turn, in reversed order
+    every other cycle, so turn i of two systems are adjacent seconds: a ratio per
+    cycle sees the same machine, and the machine's drift cancels. A call counts
+    for a turn if it was sent to that turn's system and ended in the turn, after
+    ``settle_s`` (the previous system's last calls are still draining then).
+    """
+    wl = build(workload)
+    robots = [
+        [Robot(t["target"], wl.request_for(i), tuple(tuple(kv) for kv in t.get("metadata", ()))) for t in targets]
+        for i in range(concurrency)
+    ]
+    phase = Phase(0, LevelResult(concurrency), counted_from=float("inf"))
+    stopping = False
+
+    async def robot_loop(mine: list[Robot]) -> None:
+        while not stopping:
+            current = phase
+            outcome = await mine[current.system].call()
+            if current is phase and time.perf_counter() >= current.counted_from:
+                current.result.add(outcome)
+
+    async def take_turn(system: int, counted: bool) -> Phase:
+        nonlocal phase
+        start = time.perf_counter()
+        phase = Phase(system, LevelResult(concurrency), start + settle_s if counted else float("inf"))
+        current = phase
+        await asyncio.sleep(phase_s)
+        current.result.duration_s = time.perf_counter() - current.counted_from if counted else 0.0
+        return current
+
+    rounds: list[list[dict[str, object]]] = [[] for _ in targets]
+    tasks = [asyncio.ensure_future(robot_loop(mine)) for mine in robots]
+    try:
+        for system in range(len(targets)):  # warm-up turn: connections up, caches and leases primed
+            await take_turn(system, counted=False)
+        for cycle in range(cycles):
+            order = range(len(targets)) if cycle % 2 == 0 else reversed(range(len(targets)))
+            for system in order:
+                done = await take_turn(system, counted=True)
+                rounds[system].append(done.result.to_json())
+    finally:
+        stopping = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(r.close() for mine in robots for r in mine), return_exceptions=True)
+    return {
+        **wl.summary(),
+        "interleave": {"concurrency": concurrency, "phase_s": phase_s, "settle_s": settle_s, "cycles": cycles},
+        "systems": {t["name"]: {"target": t["target"], "rounds": rounds[i]} for i, t in enumerate(targets)},
+    }
+
+
 def parse_levels(text: str) -> list[int]:
     levels = [int(x) for x in text.split(",") if x.strip()]
     if not levels or min(levels) < 1:
@@ -217,7 +298,16 @@ def parse_metadata(items: list[str]) -> tuple[tuple[str, str], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.bench.harness", description=__doc__.split("\n")[0])
-    p.add_argument("--target", required=True, help="HOST:PORT of the server under test")
+    p.add_argument("--target", help="HOST:PORT of the server under test")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help='switch one continuous load between systems; reads {"targets": [{"name", "target", "metadata"}]} '
+        "as JSON on stdin (keys stay off the command line) and loads at the first --concurrency level",
+    )
+    p.add_argument("--phase-s", type=float, default=2.0, help="--interleave: seconds per system turn")
+    p.add_argument("--cycles", type=int, default=20, help="--interleave: turns per system")
+    p.add_argument("--settle-s", type=float, default=0.25, help="--interleave: uncounted start of every turn")
     p.add_argument("--workload", choices=WORKLOADS, default="W1")
     p.add_argument("--concurrency", type=parse_levels, default=parse_levels("1,8,32,64"))
     p.add_argument("--calls", type=int, default=50, help="timed calls per robot per level")
@@ -225,6 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metadata", action="append", default=[], help="key=value sent with every call (repeatable)")
     args = p.parse_args(argv)
     build(args.workload)  # before any timing
+    if args.interleave:
+        plan = json.loads(sys.stdin.read())
+        interleaved = run_interleaved(
+            plan["targets"], args.workload, args.concurrency[0], args.phase_s, args.cycles, args.settle_s
+        )
+        print(json.dumps(asyncio.run(interleaved)), flush=True)
+        return 0
+    if not args.target:
+        p.error("--target is required (or --interleave with targets on stdin)")
     metadata = parse_metadata(args.metadata)
     api_key = os.environ.get("SUPERBRAIN_API_KEY")
     if api_key:

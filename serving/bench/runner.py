@@ -102,6 +102,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "round): pairs minutes apart become pairs seconds apart, and no round pays a start-up",
     )
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="keep every system up and switch ONE continuous load between them every --phase-s (each round "
+        "gives every system a turn, order flipped each round): the most precise ratios on a noisy machine; "
+        "uses the highest --concurrency level only",
+    )
+    parser.add_argument("--phase-s", type=float, default=2.0, help="--interleave: seconds per turn")
+    parser.add_argument(
         "--raw-repeats", type=int, default=5, help="in-process timings (raw model, --device): best of this many repeats"
     )
     device = parser.add_argument_group(
@@ -235,7 +243,8 @@ def compute_ratios(workload: str, systems: dict[str, dict[str, Any]], levels: li
     ok = lambda r: r is not None and "rps" in r  # noqa: E731
     if ok(sb) and ok(limit):
         out["ratio_vs_limit"] = _paired_ratio(sb, limit)
-        out["p50_ratio_at_1"] = _ratio(sb["p50_ms"], limit["p50_ms"])
+        if sb.get("latency_at_concurrency") == limit.get("latency_at_concurrency") == 1:
+            out["p50_ratio_at_1"] = _ratio(sb["p50_ms"], limit["p50_ms"])
     raw, unbatched = systems.get(RAW_MODEL), systems.get("superbrain_unbatched")
     if ok(sb) and ok(raw):
         out["ratio_vs_raw_model"] = _ratio(sb["rps"], raw["rps"])
@@ -439,18 +448,90 @@ def _run_alternating(
     """
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
     with contextlib.ExitStack() as stack:
-        running: dict[str, RunningSystem] = {}
-        for name in systems:
-            t0 = time.monotonic()
-            _log(f"{name}: starting ({DESCRIPTIONS[name]})")
-            running[name] = stack.enter_context(RunningSystem(name, workload, workdir, extra_env=server_env))
-            _log(f"{name}: ready on {running[name].target} after {time.monotonic() - t0:.1f}s")
-        time.sleep(args.settle_s)
+        running = _start_all(stack, systems, workload, workdir, server_env, args.settle_s)
         for r in range(n_rounds):
             _log(f"round {r + 1}/{n_rounds}")
             for name in systems if r % 2 == 0 else systems[::-1]:
                 rounds[name].append(_drive(running[name], workload, levels, calls, warmup, workdir, time.monotonic()))
     return rounds
+
+
+def _start_all(
+    stack: contextlib.ExitStack,
+    systems: list[str],
+    workload: str,
+    workdir: Path,
+    server_env: dict[str, str],
+    settle_s: float,
+) -> dict[str, RunningSystem]:
+    running: dict[str, RunningSystem] = {}
+    for name in systems:
+        t0 = time.monotonic()
+        _log(f"{name}: starting ({DESCRIPTIONS[name]})")
+        running[name] = stack.enter_context(RunningSystem(name, workload, workdir, extra_env=server_env))
+        _log(f"{name}: ready on {running[name].target} after {time.monotonic() - t0:.1f}s")
+    time.sleep(settle_s)
+    return running
+
+
+def _run_interleaved(
+    systems: list[str],
+    workload: str,
+    concurrency: int,
+    workdir: Path,
+    server_env: dict[str, str],
+    args: argparse.Namespace,
+    n_rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """Every system up at once, ONE harness switching its load between them (harness.run_interleaved).
+
+    Compared with --alternate, a pair's two halves are --phase-s apart instead of a
+    whole harness run apart, and the load never stops, so no turn pays for
+    connections or a cold start. Server CPU per call is not measured here: the
+    systems are all up and idle ones would blur it.
+    """
+    with contextlib.ExitStack() as stack:
+        running = _start_all(stack, systems, workload, workdir, server_env, args.settle_s)
+        targets = [
+            {
+                "name": name,
+                "target": running[name].target,
+                "metadata": [item.split("=", 1) for item in running[name].metadata]
+                + ([["authorization", f"Bearer {running[name].api_key}"]] if running[name].api_key else []),
+            }
+            for name in systems
+        ]
+        cmd = [sys.executable, "-m", "serving.bench.harness", "--interleave", "--workload", workload]
+        cmd += ["--concurrency", str(concurrency), "--phase-s", str(args.phase_s), "--cycles", str(n_rounds)]
+        _log(f"interleaving {concurrency} robots over {systems}: {n_rounds} rounds of {args.phase_s:g}s turns")
+        err_path = workdir / "harness-interleave.log"
+        with open(err_path, "w") as err:
+            out = subprocess.run(
+                cmd,
+                input=json.dumps({"targets": targets}),  # API keys on stdin, never on the command line
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                timeout=HARNESS_TIMEOUT_S,
+                check=False,
+            )
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"interleaved harness failed (rc {out.returncode}); see {err_path}")
+    report = json.loads(lines[-1])
+    results = {}
+    for name in systems:
+        turns = report["systems"][name]["rounds"]
+        median = sorted(turns, key=lambda t: t["rps"])[(len(turns) - 1) // 2]
+        results[name] = {
+            **_summarise_sweep({"levels": [median]}),
+            "errors": sum(t["errors"] for t in turns),
+            "rounds_rps": [t["rps"] for t in turns],
+            "description": DESCRIPTIONS[name],
+            "server": running[name].info,
+        }
+        _log(f"{name}: median turn {median['rps']:.0f}/s")
+    return results
 
 
 def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -483,7 +564,16 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     n_rounds = 1 if args.smoke else max(1, args.rounds)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
-    if args.alternate and not args.smoke:
+    interleave = bool(getattr(args, "interleave", False) and not args.smoke)
+    if interleave:
+        if RAW_MODEL in systems:
+            raise SystemExit(f"--interleave drives running servers; leave {RAW_MODEL} out")
+        levels = [max(levels)]
+        try:
+            results = _run_interleaved(systems, workload, levels[0], workdir, server_env, args, n_rounds)
+        except Exception as exc:
+            results = {name: _failed(name, exc) for name in systems}
+    elif args.alternate and not args.smoke:
         if RAW_MODEL in systems:
             raise SystemExit(f"--alternate drives running servers; leave {RAW_MODEL} out")
         rounds = _run_alternating(systems, workload, levels, calls, warmup, workdir, server_env, args, n_rounds)
@@ -495,7 +585,8 @@ def main(args: argparse.Namespace) -> int:
                 rounds[name].append(
                     _run_system(name, workload, wl.policy, levels, calls, warmup, workdir, server_env, args)
                 )
-    results = {name: _median_round(runs) for name, runs in rounds.items()}
+    if not interleave:
+        results = {name: _median_round(runs) for name, runs in rounds.items()}
     failed = any("error" in results.get(name, {}) for name in ("superbrain", "grpc_limit") if name in results)
     ratios = compute_ratios(workload, results, levels)
     result: dict[str, Any] = {
@@ -506,6 +597,7 @@ def main(args: argparse.Namespace) -> int:
         "warmup_calls_per_robot": warmup,
         "rounds": n_rounds,
         "alternate": bool(args.alternate and not args.smoke),
+        "interleave": {"phase_s": args.phase_s} if interleave else None,
         "server_env": server_env,
         "systems": results,
         **ratios,
