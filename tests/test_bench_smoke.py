@@ -124,3 +124,9 @@ def test_interleaved_turns_alternate_and_each_system_gets_only_its_own_metadata(
     calls = sorted([(t, "a") for t, _ in seen["a"]] + [(t, "b") for t, _ in seen["b"]])
     switches = sum(1 for (_, x), (_, y) in zip(calls, calls[1:], strict=False) if x != y)
     assert switches < 60  # 9 turn boundaries; a few calls in flight straddle each
+
+
+def test_bench_refuses_interleave_with_alternate() -> None:
+    cmd = [sys.executable, "-m", "serving.cli", "bench", "--systems", "superbrain_no_ray,grpc_limit"]
+    proc = subprocess.run([*cmd, "--interleave", "--alternate"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "pick one" in proc.stderr

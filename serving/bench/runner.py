@@ -1,8 +1,10 @@
 """``superbrain bench``: run a workload against Superbrain (and, with --compare, the other systems).
 
-Systems run one after another, never two at once; each is its own process tree
-(``serving.bench.systems``) and each is driven by the same load generator in its
-own process (``serving.bench.harness``). Prints a table, then, with ``--json``,
+Systems are loaded one at a time, never two at once; each is its own process
+tree (``serving.bench.systems``) and each is driven by the same load generator
+in its own process (``serving.bench.harness``). By default a system is started,
+measured and stopped before the next; ``--alternate`` and ``--interleave`` keep
+them all up and switch the load between them. Prints a table, then, with ``--json``,
 exactly one JSON object as the last line. docs/benchmarks.md has the method and
 the figures.
 """
@@ -565,6 +567,8 @@ def main(args: argparse.Namespace) -> int:
     n_rounds = 1 if args.smoke else max(1, args.rounds)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
     interleave = bool(getattr(args, "interleave", False) and not args.smoke)
+    if interleave and args.alternate:
+        raise SystemExit("--interleave and --alternate are two ways to pair systems; pick one")
     if interleave:
         if RAW_MODEL in systems:
             raise SystemExit(f"--interleave drives running servers; leave {RAW_MODEL} out")
