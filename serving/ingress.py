@@ -10,10 +10,12 @@ batch.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +36,46 @@ log = logging.getLogger(__name__)
 OVERLOAD_RETRY_S = 0.05
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name
+
+# This call's metadata as grpc.aio already turned it into Python to look up its handler
+# (``PolicyServiceHandler``); read by the servicer instead of converting it again.
+_CALL_METADATA: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("call_metadata", default=None)
+
+
+def call_metadata(context: grpc.aio.ServicerContext) -> tuple:
+    """The invocation metadata of the current call (already converted when served by PolicyServiceHandler)."""
+    metadata = _CALL_METADATA.get()
+    return metadata if metadata is not None else context.invocation_metadata()
+
+
+class PolicyServiceHandler(grpc.GenericRpcHandler):
+    """PolicyService on grpc's generic path, remembering each call's metadata for the servicer.
+
+    grpc.aio converts a call's metadata to Python once to find its handler, and
+    ``context.invocation_metadata()`` converts it again: about 2 us per call,
+    which W1 feels (docs/benchmarks.md). The lookup runs in the call's own task,
+    so a context variable set here is what that call's servicer method sees.
+    Registered methods (the generated ``add_PolicyServiceServicer_to_server``)
+    are looked up without the metadata, and each also costs the server one more
+    request future that grpc.aio waits on for every incoming call.
+    """
+
+    def __init__(self, servicer: pb_grpc.PolicyServiceServicer):
+        self._methods: dict[str, Any] = {}
+        pb_grpc.add_PolicyServiceServicer_to_server(servicer, self)  # collects the method handlers
+
+    # What the generated function calls on the "server" it is given:
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same methods as add_registered_method_handlers gets
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, Any]) -> None:
+        self._methods.update({f"/{service}/{name}": handler for name, handler in methods.items()})
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self._methods.get(handler_call_details.method)
+        if handler is not None:
+            _CALL_METADATA.set(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        return handler
 
 
 @dataclass(frozen=True)
@@ -74,7 +116,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         try:
             if self._gate is not None:
                 # Inline, not through _authenticate: a coroutine per call is measurable in W1.
-                metadata = context.invocation_metadata()
+                metadata = call_metadata(context)
                 caller = self._gate.cached_caller(metadata) or await self._gate.authenticate(metadata)
             outcome = await self._act(request, received, remaining, caller)
         except RequestError as err:
@@ -104,7 +146,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                 if err.details:
                     context.set_trailing_metadata(err.status_trailer())
                 await context.abort(err.code, err.detail)
-        metadata = context.invocation_metadata()  # fixed for the stream's life
+        metadata = call_metadata(context)  # fixed for the stream's life
         try:
             async for request in request_iterator:
                 received = time.monotonic()
@@ -146,7 +188,7 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         if self._gate is None:
             return None
         if metadata is None:
-            metadata = context.invocation_metadata()
+            metadata = call_metadata(context)
         return self._gate.cached_caller(metadata) or await self._gate.authenticate(metadata)
 
     async def _act(
@@ -300,7 +342,7 @@ class GrpcFrontend:
     def __init__(self, servicer: PolicyServicer, host: str, port: int, max_message_bytes: int):
         self.servicer = servicer
         self.server = grpc.aio.server(options=server_options(max_message_bytes))
-        pb_grpc.add_PolicyServiceServicer_to_server(servicer, self.server)
+        self.server.add_generic_rpc_handlers((PolicyServiceHandler(servicer),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -207,3 +207,40 @@ def test_server_reflection_lists_the_services(server) -> None:
         request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="superbrain.v1.PolicyService")
         (reply,) = stub.ServerReflectionInfo(iter([request]))
         assert reply.file_descriptor_response.file_descriptor_proto
+
+
+def test_each_call_sees_its_own_metadata_from_the_handler_lookup() -> None:
+    """PolicyServiceHandler hands every call the metadata grpc.aio converted for the lookup, call by call."""
+    import asyncio
+
+    from serving import ingress
+
+    seen: list[tuple[str, bool, str]] = []
+
+    class Recording(pb_grpc.PolicyServiceServicer):
+        async def Act(self, request, context):
+            from_lookup = ingress._CALL_METADATA.get() is not None
+            await asyncio.sleep(0.01 * (int(request.request_id) % 3))  # calls overlap and finish out of order
+            who = dict(ingress.call_metadata(context))["x-robot"]
+            seen.append((request.request_id, from_lookup, who))
+            return pb.ActResponse(request_id=request.request_id)
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((ingress.PolicyServiceHandler(Recording()),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.PolicyServiceStub(channel)
+                await asyncio.gather(
+                    *(
+                        stub.Act(pb.ActRequest(request_id=str(i)), metadata=(("x-robot", f"robot-{i}"),))
+                        for i in range(12)
+                    )
+                )
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
+    assert sorted(seen) == sorted((str(i), True, f"robot-{i}") for i in range(12))
