@@ -60,11 +60,6 @@ def authorization(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str |
     return None
 
 
-def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
-    """The key from ``authorization: Bearer <key>`` metadata, or None."""
-    return token_of(authorization(metadata))
-
-
 def token_of(header: str | bytes | None) -> str | None:
     """The key in an ``authorization`` value (``Bearer <key>``), or None."""
     if header is None:
