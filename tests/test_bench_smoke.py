@@ -54,17 +54,47 @@ def test_bench_alternate_keeps_both_systems_up_and_pairs_every_round() -> None:
 
 def test_bench_interleave_switches_one_load_between_running_systems() -> None:
     cmd = [sys.executable, "-m", "serving.cli", "bench", "--systems", "superbrain_no_ray,grpc_limit", "--interleave"]
-    cmd += ["--rounds", "3", "--phase-s", "0.6", "--concurrency", "1,4", "--settle-s", "0", "--json"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd += ["--rounds", "2", "--instances", "2", "--phase-s", "0.6", "--concurrency", "1,4", "--settle-s", "0"]
+    proc = subprocess.run([*cmd, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["interleave"] == {"phase_s": 0.6} and summary["concurrency"] == [4]
+    assert summary["interleave"] == {"phase_s": 0.6, "instances": 2} and summary["concurrency"] == [4]
     for system in ("superbrain_no_ray", "grpc_limit"):
         result = summary["systems"][system]
         assert result["errors"] == 0 and result["peak_concurrency"] == 4
-        assert len(result["rounds_rps"]) == 3 and all(rps > 0 for rps in result["rounds_rps"])
+        # Two fresh instances of two rounds each, pooled.
+        assert len(result["rounds_rps"]) == 4 and all(rps > 0 for rps in result["rounds_rps"])
+        assert len(result["instances_rps"]) == 2
+    # Each system was started once per instance.
+    assert sum(1 for line in proc.stderr.splitlines() if ": starting (" in line) == 4
     # Latency at 1 robot was not measured, so no p50 ratio at 1 is claimed.
     assert "p50_ratio_at_1" not in summary
+
+
+def test_instances_pool_rounds_pairwise_and_report_each_instance_ratio() -> None:
+    """Pooled rounds keep each pair within its own instance; the per-instance ratios show their spread."""
+    from serving.bench.runner import _instance_spread, _paired_ratio, _pool_instances
+
+    def inst(on: list[float], off: list[float]) -> dict:
+        return {
+            "superbrain": {"rps": sorted(on)[1], "errors": 0, "rounds_rps": on},
+            "superbrain_auth_off": {"rps": sorted(off)[1], "errors": 1, "rounds_rps": off},
+        }
+
+    # Instance 2's servers are 10 % faster as a whole: pairs within it still give 0.9.
+    instances = [inst([90, 90, 90], [100, 100, 100]), inst([99, 99, 99], [110, 110, 110])]
+    pooled = _pool_instances(["superbrain", "superbrain_auth_off"], instances)
+    assert pooled["superbrain"]["rounds_rps"] == [90, 90, 90, 99, 99, 99]
+    assert pooled["superbrain"]["instances_rps"] == [90, 99]
+    assert pooled["superbrain_auth_off"]["errors"] == 2
+    assert _paired_ratio(pooled["superbrain"], pooled["superbrain_auth_off"]) == 0.9
+    spread = _instance_spread("W1", [inst([90] * 3, [100] * 3), inst([96] * 3, [100] * 3)], [64])
+    assert spread["ratio_vs_superbrain_auth_off_per_instance"] == [0.9, 0.96]
+    assert spread["ratio_vs_superbrain_auth_off_instance_mean"] == 0.93
+    assert spread["ratio_vs_superbrain_auth_off_instance_sem"] == 0.03
+    # A system failing in any instance fails the pooled result.
+    failed = _pool_instances(["superbrain"], [{"superbrain": {"error": "boom"}}, inst([1] * 3, [1] * 3)])
+    assert failed["superbrain"] == {"error": "boom"}
 
 
 def test_interleaved_turns_alternate_and_each_system_gets_only_its_own_metadata() -> None:
@@ -130,3 +160,5 @@ def test_bench_refuses_interleave_with_alternate() -> None:
     cmd = [sys.executable, "-m", "serving.cli", "bench", "--systems", "superbrain_no_ray,grpc_limit"]
     proc = subprocess.run([*cmd, "--interleave", "--alternate"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "pick one" in proc.stderr
+    proc = subprocess.run([*cmd, "--instances", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--interleave only" in proc.stderr

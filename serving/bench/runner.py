@@ -112,6 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--phase-s", type=float, default=2.0, help="--interleave: seconds per turn")
     parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="--interleave: start every system afresh this many times, --rounds rounds each, and pool the "
+        "rounds; two identical instances of one system differ by a few %% on a VM, so one instance per "
+        "system cannot resolve a few %% (docs/benchmarks.md)",
+    )
+    parser.add_argument(
         "--raw-repeats", type=int, default=5, help="in-process timings (raw model, --device): best of this many repeats"
     )
     device = parser.add_argument_group(
@@ -536,6 +544,50 @@ def _run_interleaved(
     return results
 
 
+def _pool_instances(systems: list[str], instances: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One result per system from several interleaved instances: their rounds, pooled.
+
+    Round i of an instance pairs with round i of the same instance only, so
+    ``rounds_rps`` concatenated in instance order keeps every pair intact for
+    ``_paired_ratio``. A system that failed in any instance counts as failed.
+    """
+    if len(instances) == 1:
+        return instances[0]
+    pooled: dict[str, dict[str, Any]] = {}
+    for name in systems:
+        runs = [inst[name] for inst in instances]
+        failed = next((r for r in runs if "error" in r), None)
+        if failed is not None:
+            pooled[name] = failed
+            continue
+        rounds = [rps for r in runs for rps in r["rounds_rps"]]
+        median_run = sorted(runs, key=lambda r: r["rps"])[(len(runs) - 1) // 2]
+        pooled[name] = {
+            **median_run,
+            "rps": statistics.median(rounds),
+            "errors": sum(r["errors"] for r in runs),
+            "rounds_rps": rounds,
+            "instances_rps": [r["rps"] for r in runs],
+        }
+    return pooled
+
+
+def _instance_spread(workload: str, instances: list[dict[str, dict[str, Any]]], levels: list[int]) -> dict[str, Any]:
+    """Each ratio per instance, with their mean and its standard error: the instance-to-instance part of the noise."""
+    per: dict[str, list[float]] = {}
+    for inst in instances:
+        for key, value in compute_ratios(workload, inst, levels).items():
+            if key.startswith("ratio_vs_") and value is not None:
+                per.setdefault(key, []).append(value)
+    out: dict[str, Any] = {}
+    for key, values in per.items():
+        out[f"{key}_per_instance"] = values
+        if len(values) > 1:
+            out[f"{key}_instance_mean"] = round(statistics.mean(values), 3)
+            out[f"{key}_instance_sem"] = round(statistics.stdev(values) / len(values) ** 0.5, 3)
+    return out
+
+
 def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median peak throughput (all of one run's figures, never mixed across runs)."""
     ok = [r for r in runs if "error" not in r]
@@ -569,14 +621,23 @@ def main(args: argparse.Namespace) -> int:
     interleave = bool(getattr(args, "interleave", False) and not args.smoke)
     if interleave and args.alternate:
         raise SystemExit("--interleave and --alternate are two ways to pair systems; pick one")
+    if getattr(args, "instances", 1) > 1 and not interleave:
+        raise SystemExit("--instances applies to --interleave only")
+    instances: list[dict[str, dict[str, Any]]] = []
     if interleave:
         if RAW_MODEL in systems:
             raise SystemExit(f"--interleave drives running servers; leave {RAW_MODEL} out")
         levels = [max(levels)]
-        try:
-            results = _run_interleaved(systems, workload, levels[0], workdir, server_env, args, n_rounds)
-        except Exception as exc:
-            results = {name: _failed(name, exc) for name in systems}
+        for i in range(max(1, getattr(args, "instances", 1))):
+            if args.instances > 1:
+                _log(f"instance {i + 1}/{args.instances}")
+            # Start order flipped every other instance, like the turn order within one.
+            order = systems if i % 2 == 0 else systems[::-1]
+            try:
+                instances.append(_run_interleaved(order, workload, levels[0], workdir, server_env, args, n_rounds))
+            except Exception as exc:
+                instances.append({name: _failed(name, exc) for name in systems})
+        results = _pool_instances(systems, instances)
     elif args.alternate and not args.smoke:
         if RAW_MODEL in systems:
             raise SystemExit(f"--alternate drives running servers; leave {RAW_MODEL} out")
@@ -593,6 +654,8 @@ def main(args: argparse.Namespace) -> int:
         results = {name: _median_round(runs) for name, runs in rounds.items()}
     failed = any("error" in results.get(name, {}) for name in ("superbrain", "grpc_limit") if name in results)
     ratios = compute_ratios(workload, results, levels)
+    if interleave and len(instances) > 1:
+        ratios.update(_instance_spread(workload, instances, levels))
     result: dict[str, Any] = {
         "workload": workload,
         "payload": wl.summary(),
@@ -601,7 +664,7 @@ def main(args: argparse.Namespace) -> int:
         "warmup_calls_per_robot": warmup,
         "rounds": n_rounds,
         "alternate": bool(args.alternate and not args.smoke),
-        "interleave": {"phase_s": args.phase_s} if interleave else None,
+        "interleave": {"phase_s": args.phase_s, "instances": len(instances)} if interleave else None,
         "server_env": server_env,
         "systems": results,
         **ratios,
