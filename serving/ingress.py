@@ -208,8 +208,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         if caller is None:
             return await self._run(request, received, remaining)
         assert self._gate is not None
-        self._gate.authorize(caller, obs.model or self._policy.name)
-        if not self._gate.try_admit(caller):
+        model = obs.model or self._policy.name
+        if not self._gate.try_admit(caller, model):
+            self._gate.authorize(caller, model)
             await self._gate.admit(caller)
         # Admitted: from here on exactly one usage record, whatever the outcome. The
         # batcher's metering hook writes it with the rest of the batch before any

@@ -184,9 +184,13 @@ class AccessGate:
     async def authenticate(self, metadata) -> Caller:
         return await self.keys.authenticate(keys.authorization(metadata))
 
-    def try_admit(self, caller: Caller) -> bool:
-        """Fast path: take a token from this replica's slice (False: await ``admit``)."""
-        return self.quota.try_take(caller.tenant.name)
+    def try_admit(self, caller: Caller, model: str) -> bool:
+        """Fast path: the plan allows ``model`` and this replica's slice has a token, taken now.
+
+        False: nothing was taken; ``authorize`` then ``admit`` say why, or admit the
+        call the slow way. One call on the request loop instead of three.
+        """
+        return caller.tenant.plan.allows_model(model) and self.quota.try_take(caller.tenant.name)
 
     @staticmethod
     def authorize(caller: Caller, model: str) -> None:
@@ -212,7 +216,7 @@ class AccessGate:
         """Meter one admitted call that did not come back from a batch (refused, failed, cancelled)."""
         if usage.metered:
             return
-        row = self._row(usage, status, outcome, time.time())
+        row = _row(self.spool.next_id(), usage, status, outcome, time.time())
         self.spool.append_rows([row])  # durable from here
         usage.metered = True
         if row[_ACCEL_MS]:
@@ -223,18 +227,19 @@ class AccessGate:
 
         One spool write for the batch instead of one per call: per call this is a
         third of the cost, which matters because the replica's request loop is the
-        W1 bottleneck (docs/benchmarks.md).
+        W1 bottleneck (docs/benchmarks.md). Ids come from one reservation for the
+        batch: every Python call saved here is saved once per request.
         """
         finished_at = time.time()
+        prefix, seq = self.spool.id_prefix, self.spool.reserve_ids(len(items))
         rows: list[tuple] = []
         metered: list[Usage] = []
         for item, outcome in zip(items, outcomes, strict=True):
             usage = item.usage
-            if usage is None or usage.metered:
-                continue
-            status = "OK" if outcome.error is None else outcome.error.code.name
-            rows.append(self._row(usage, status, outcome, finished_at))
-            metered.append(usage)
+            if usage is not None and not usage.metered:
+                status = "OK" if outcome.error is None else outcome.error.code.name
+                rows.append(_row(f"{prefix}{seq + len(rows)}", usage, status, outcome, finished_at))
+                metered.append(usage)
         if not rows:
             return
         self.spool.append_rows(rows)  # durable from here
@@ -255,25 +260,6 @@ class AccessGate:
 
         return run_and_meter
 
-    def _row(self, usage: Usage, status: str, outcome: Outcome | None, finished_at: float) -> tuple:
-        """A record as a row in UsageRecord field order: no per-call objects beyond the tuple."""
-        batch_size = outcome.batch_size if outcome else 0
-        return (
-            self.spool.next_id(),
-            usage.tenant,
-            usage.key_id,
-            usage.robot_id,
-            usage.model,
-            usage.embodiment,
-            status,
-            batch_size,
-            outcome.compute_ms / batch_size if batch_size else 0.0,  # type: ignore[union-attr]
-            outcome.queue_ms if outcome else 0.0,
-            usage.admitted_at,
-            finished_at,
-            usage.request_id,
-        )
-
     def _charge(self, accel_ms_by_tenant: dict[str, float], model: str) -> None:
         for tenant, accel_ms in accel_ms_by_tenant.items():
             self.quota.charge(tenant, accel_ms)
@@ -282,6 +268,26 @@ class AccessGate:
 
 # Index of accel_ms in a usage row (UsageRecord field order).
 _ACCEL_MS = 8
+
+
+def _row(record_id: str, usage: Usage, status: str, outcome: Outcome | None, finished_at: float) -> tuple:
+    """A record as a row in UsageRecord field order: no per-call objects beyond the tuple."""
+    batch_size = outcome.batch_size if outcome else 0
+    return (
+        record_id,
+        usage.tenant,
+        usage.key_id,
+        usage.robot_id,
+        usage.model,
+        usage.embodiment,
+        status,
+        batch_size,
+        outcome.compute_ms / batch_size if batch_size else 0.0,  # type: ignore[union-attr]
+        outcome.queue_ms if outcome else 0.0,
+        usage.admitted_at,
+        finished_at,
+        usage.request_id,
+    )
 
 
 @dataclass(slots=True)
