@@ -55,6 +55,7 @@ def test_bench_alternate_keeps_both_systems_up_and_pairs_every_round() -> None:
 def test_bench_interleave_switches_one_load_between_running_systems() -> None:
     cmd = [sys.executable, "-m", "serving.cli", "bench", "--systems", "superbrain_no_ray,grpc_limit", "--interleave"]
     cmd += ["--rounds", "2", "--instances", "2", "--phase-s", "0.6", "--concurrency", "1,4", "--settle-s", "0"]
+    cmd += ["--thread-cpu"]
     proc = subprocess.run([*cmd, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -65,6 +66,10 @@ def test_bench_interleave_switches_one_load_between_running_systems() -> None:
         # Two fresh instances of two rounds each, pooled.
         assert len(result["rounds_rps"]) == 4 and all(rps > 0 for rps in result["rounds_rps"])
         assert len(result["instances_rps"]) == 2
+        # --thread-cpu: the threads that served this system's turns, its own and the load generator's.
+        owners = {t["owner"] for t in result["thread_cpu"]}
+        assert owners == {system, "load generator"}, result["thread_cpu"]
+        assert all(t["us_per_call"] > 0 and t["thread"] for t in result["thread_cpu"])
     # Each system was started once per instance.
     assert sum(1 for line in proc.stderr.splitlines() if ": starting (" in line) == 4
     # Latency at 1 robot was not measured, so no p50 ratio at 1 is claimed.
@@ -156,9 +161,32 @@ def test_interleaved_turns_alternate_and_each_system_gets_only_its_own_metadata(
     assert switches < 60  # 9 turn boundaries; a few calls in flight straddle each
 
 
+def test_thread_cpu_divides_each_threads_cpu_by_the_calls_of_its_systems_turns() -> None:
+    from serving.bench.threadcpu import LOAD_GENERATOR, ThreadCpu, snapshot
+
+    a, gen = ("a", 10, 11), (LOAD_GENERATOR, 20, 21)
+    cpu = ThreadCpu()
+    # Two turns of system "a": 100 calls, then 300; its thread used 2 + 6 ticks (10 ms each at 100 Hz).
+    cpu.add_turn("a", {a: (5, "x / loop"), gen: (0, "g")}, {a: (7, "x / loop"), gen: (4, "g")}, 100)
+    cpu.add_turn("a", {a: (7, "x / loop"), gen: (4, "g")}, {a: (13, "x / loop"), gen: (4, "g")}, 300)
+    rows = cpu.report(min_us=0.0)["a"]
+    hz = os.sysconf("SC_CLK_TCK")
+    assert rows[0] == {
+        "owner": "a",
+        "pid": 10,
+        "tid": 11,
+        "thread": "x / loop",
+        "us_per_call": round(8 / hz / 400 * 1e6, 1),
+    }
+    assert rows[1]["owner"] == LOAD_GENERATOR and rows[1]["us_per_call"] == round(4 / hz / 400 * 1e6, 1)
+    # The live reader sees this process's own threads, with the thread name in the label.
+    mine = snapshot({os.getpid(): "me"})
+    assert (("me", os.getpid(), os.getpid())) in mine and all(label.count(" / ") >= 1 for _, label in mine.values())
+
+
 def test_bench_refuses_interleave_with_alternate() -> None:
     cmd = [sys.executable, "-m", "serving.cli", "bench", "--systems", "superbrain_no_ray,grpc_limit"]
     proc = subprocess.run([*cmd, "--interleave", "--alternate"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "pick one" in proc.stderr
     proc = subprocess.run([*cmd, "--instances", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--interleave only" in proc.stderr
+    assert proc.returncode != 0 and "apply to --interleave only" in proc.stderr

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 
 from serving.api import pb
+from serving.bench import threadcpu
 from serving.bench.workloads import WORKLOADS, build
 
 ACT_METHOD = "/superbrain.v1.PolicyService/Act"
@@ -223,7 +224,13 @@ class Phase:
 
 
 async def run_interleaved(
-    targets: list[dict[str, Any]], workload: str, concurrency: int, phase_s: float, cycles: int, settle_s: float
+    targets: list[dict[str, Any]],
+    workload: str,
+    concurrency: int,
+    phase_s: float,
+    cycles: int,
+    settle_s: float,
+    pids: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """Continuous closed-loop load that switches between systems every ``phase_s``.
 
@@ -233,8 +240,13 @@ async def run_interleaved(
     cycle sees the same machine, and the machine's drift cancels. A call counts
     for a turn if it was sent to that turn's system and ended in the turn, after
     ``settle_s`` (the previous system's last calls are still draining then).
+    With ``pids`` (system name -> its process ids), each counted turn also
+    measures every thread's CPU per call (serving.bench.threadcpu).
     """
     wl = build(workload)
+    owners = {pid: name for name, ids in (pids or {}).items() for pid in ids}
+    owners[os.getpid()] = threadcpu.LOAD_GENERATOR
+    thread_cpu = threadcpu.ThreadCpu() if pids else None
     robots = [
         [Robot(t["target"], wl.request_for(i), tuple(tuple(kv) for kv in t.get("metadata", ()))) for t in targets]
         for i in range(concurrency)
@@ -254,7 +266,14 @@ async def run_interleaved(
         start = time.perf_counter()
         phase = Phase(system, LevelResult(concurrency), start + settle_s if counted else float("inf"))
         current = phase
-        await asyncio.sleep(phase_s)
+        if counted and thread_cpu is not None:
+            await asyncio.sleep(settle_s)
+            before, calls_before = threadcpu.snapshot(owners), current.result.calls
+            await asyncio.sleep(max(0.0, start + phase_s - time.perf_counter()))
+            after = threadcpu.snapshot(owners)
+            thread_cpu.add_turn(targets[system]["name"], before, after, current.result.calls - calls_before)
+        else:
+            await asyncio.sleep(phase_s)
         current.result.duration_s = time.perf_counter() - current.counted_from if counted else 0.0
         return current
 
@@ -276,6 +295,7 @@ async def run_interleaved(
         **wl.summary(),
         "interleave": {"concurrency": concurrency, "phase_s": phase_s, "settle_s": settle_s, "cycles": cycles},
         "systems": {t["name"]: {"target": t["target"], "rounds": rounds[i]} for i, t in enumerate(targets)},
+        "thread_cpu": thread_cpu.report() if thread_cpu is not None else None,
     }
 
 
@@ -318,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.interleave:
         plan = json.loads(sys.stdin.read())
         interleaved = run_interleaved(
-            plan["targets"], args.workload, args.concurrency[0], args.phase_s, args.cycles, args.settle_s
+            plan["targets"],
+            args.workload,
+            args.concurrency[0],
+            args.phase_s,
+            args.cycles,
+            args.settle_s,
+            plan.get("pids"),
         )
         print(json.dumps(asyncio.run(interleaved)), flush=True)
         return 0

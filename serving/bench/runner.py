@@ -112,6 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--phase-s", type=float, default=2.0, help="--interleave: seconds per turn")
     parser.add_argument(
+        "--thread-cpu",
+        action="store_true",
+        help="--interleave: also report every thread's CPU per call during each system's turns (Linux /proc): "
+        "which threads pay for a difference between two systems",
+    )
+    parser.add_argument(
         "--instances",
         type=int,
         default=1,
@@ -375,6 +381,9 @@ def format_table(result: dict[str, Any]) -> str:
     for name, res in result["systems"].items():
         if "error" in res:
             out.append(f"{name} failed: {res['error']}")
+        elif res.get("thread_cpu"):
+            top = ", ".join(f"{t['thread']} [{t['tid']}] {t['us_per_call']}" for t in res["thread_cpu"][:5])
+            out.append(f"{name}: CPU per call by thread (us): {top}")
     return "\n".join(out)
 
 
@@ -515,10 +524,13 @@ def _run_interleaved(
         cmd += ["--concurrency", str(concurrency), "--phase-s", str(args.phase_s), "--cycles", str(n_rounds)]
         _log(f"interleaving {concurrency} robots over {systems}: {n_rounds} rounds of {args.phase_s:g}s turns")
         err_path = workdir / "harness-interleave.log"
+        plan: dict[str, Any] = {"targets": targets}  # API keys on stdin, never on the command line
+        if getattr(args, "thread_cpu", False):
+            plan["pids"] = {name: running[name].server_pids() for name in systems}
         with open(err_path, "w") as err:
             out = subprocess.run(
                 cmd,
-                input=json.dumps({"targets": targets}),  # API keys on stdin, never on the command line
+                input=json.dumps(plan),
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
@@ -537,6 +549,7 @@ def _run_interleaved(
             **_summarise_sweep({"levels": [median]}),
             "errors": sum(t["errors"] for t in turns),
             "rounds_rps": [t["rps"] for t in turns],
+            **({"thread_cpu": report["thread_cpu"][name]} if report.get("thread_cpu") else {}),
             "description": DESCRIPTIONS[name],
             "server": running[name].info,
         }
@@ -621,8 +634,8 @@ def main(args: argparse.Namespace) -> int:
     interleave = bool(getattr(args, "interleave", False) and not args.smoke)
     if interleave and args.alternate:
         raise SystemExit("--interleave and --alternate are two ways to pair systems; pick one")
-    if getattr(args, "instances", 1) > 1 and not interleave:
-        raise SystemExit("--instances applies to --interleave only")
+    if (getattr(args, "instances", 1) > 1 or getattr(args, "thread_cpu", False)) and not interleave:
+        raise SystemExit("--instances and --thread-cpu apply to --interleave only")
     instances: list[dict[str, dict[str, Any]]] = []
     if interleave:
         if RAW_MODEL in systems:
