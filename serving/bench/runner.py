@@ -563,6 +563,8 @@ def _pool_instances(systems: list[str], instances: list[dict[str, dict[str, Any]
     Round i of an instance pairs with round i of the same instance only, so
     ``rounds_rps`` concatenated in instance order keeps every pair intact for
     ``_paired_ratio``. A system that failed in any instance counts as failed.
+    ``rps`` is the median over all rounds; the rest (the table row, latencies,
+    ``thread_cpu``) is the median instance's.
     """
     if len(instances) == 1:
         return instances[0]
@@ -641,9 +643,10 @@ def main(args: argparse.Namespace) -> int:
         if RAW_MODEL in systems:
             raise SystemExit(f"--interleave drives running servers; leave {RAW_MODEL} out")
         levels = [max(levels)]
-        for i in range(max(1, getattr(args, "instances", 1))):
-            if args.instances > 1:
-                _log(f"instance {i + 1}/{args.instances}")
+        n_instances = max(1, getattr(args, "instances", 1))
+        for i in range(n_instances):
+            if n_instances > 1:
+                _log(f"instance {i + 1}/{n_instances}")
             # Start order flipped every other instance, like the turn order within one.
             order = systems if i % 2 == 0 else systems[::-1]
             try:
