@@ -366,20 +366,12 @@ class ReplicaQuota:
     # -- hot path -------------------------------------------------------------
 
     def try_take(self, tenant: str) -> bool:
-        """The synchronous fast path: a token from a live slice, if it has one.
-
-        ``_take`` inlined (it runs once per request); anything unusual (no slice yet,
-        empty, expired) is left to ``admit``.
-        """
-        s = self._slices.get(tenant)
-        if s is None or s.tokens <= 0 or self._clock() >= s.expires:
-            return False
-        s.tokens -= 1
-        s.used += 1
-        s.attempts += 1
-        if s.tokens <= s.low_water and self._inflight is None:
-            self._start_exchange()  # prefetch in the background
-        return True
+        """The synchronous fast path: a token from the slice, if it has one."""
+        s = self._slice(tenant)
+        if self._take(s):
+            s.attempts += 1
+            return True
+        return False
 
     async def admit(self, tenant: str) -> None:
         """Take one token for ``tenant``, or raise QuotaDenied / QuotaUnavailable."""
