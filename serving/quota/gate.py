@@ -227,18 +227,16 @@ class AccessGate:
 
         One spool write for the batch instead of one per call: per call this is a
         third of the cost, which matters because the replica's request loop is the
-        W1 bottleneck (docs/benchmarks.md). Ids come from one reservation for the
-        batch: every Python call saved here is saved once per request.
+        W1 bottleneck (docs/benchmarks.md).
         """
         finished_at = time.time()
-        prefix, seq = self.spool.id_prefix, self.spool.reserve_ids(len(items))
         rows: list[tuple] = []
         metered: list[Usage] = []
         for item, outcome in zip(items, outcomes, strict=True):
             usage = item.usage
             if usage is not None and not usage.metered:
                 status = "OK" if outcome.error is None else outcome.error.code.name
-                rows.append(_row(f"{prefix}{seq + len(rows)}", usage, status, outcome, finished_at))
+                rows.append(_row(self.spool.next_id(), usage, status, outcome, finished_at))
                 metered.append(usage)
         if not rows:
             return

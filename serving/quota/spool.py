@@ -107,7 +107,6 @@ class UsageSpool:
         self.segment_bytes = segment_bytes
         self._store_factory = store_factory
         self.replica_token = secrets.token_hex(6)
-        self.id_prefix = f"{self.replica_token}-"
         self._seq = 0
         self._lock = threading.Lock()  # guards the segments, pending rows and counters
         self._stop = threading.Event()
@@ -127,13 +126,7 @@ class UsageSpool:
     def next_id(self) -> str:
         """A cluster-unique idempotency id for a call this replica admitted."""
         self._seq += 1
-        return f"{self.id_prefix}{self._seq}"
-
-    def reserve_ids(self, n: int) -> int:
-        """Reserve ``n`` ids at once: ``f"{id_prefix}{first + i}"`` for i < n (a batch's records)."""
-        first = self._seq + 1
-        self._seq += n
-        return first
+        return f"{self.replica_token}-{self._seq}"
 
     def append(self, record: UsageRecord) -> None:
         self.append_rows([record.to_row()])
