@@ -11,6 +11,7 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ LOAD_GENERATOR = "load generator"
 Snapshot = dict[tuple[str, int, int], tuple[int, str]]
 
 
+@functools.cache  # read once per process: snapshots run inside the measured turns
 def _title(pid: int) -> str:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
