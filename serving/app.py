@@ -10,6 +10,7 @@ Deploy it the way Ray Serve deploys anything, by import path::
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.serve import Application
@@ -18,6 +19,19 @@ from ray.serve.config import AutoscalingPolicy
 from serving import accel
 from serving.config import ServingConfig, load_config
 from serving.deployment import PolicyReplica
+
+# glibc malloc settings for replicas (read once, when the worker process starts).
+# By default glibc serves a freed ~150 KB frame buffer from fresh mmap'd or
+# re-grown heap memory, and returns freed heap tops to the kernel: every request's
+# payload copy then page-faults its pages back in. Under W1 that was 4.5 faults
+# per call, 7.7 with the partner gate's extra allocations, about 1.5 us each on
+# the request loop (docs/benchmarks.md). Buffers below 4 MiB now come from the heap
+# and up to 256 MiB of free heap stays mapped; an operator's own GLIBC_TUNABLES wins.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=268435456"
+
+
+def replica_malloc_env() -> dict[str, str]:
+    return {} if "GLIBC_TUNABLES" in os.environ else {"GLIBC_TUNABLES": MALLOC_TUNABLES}
 
 
 def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
@@ -28,7 +42,7 @@ def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
         # user-code thread only adds a loop hop per call (W1: 0.77 -> 0.97 of the
         # limit). Policy compute runs on the engine's worker thread, so the loop
         # (and Serve's health checks) never block on a forward pass.
-        "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
+        "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **replica_malloc_env()}},
     }
     override = cfg.accelerator_override
     if override is None and cfg.replica_num_gpus:

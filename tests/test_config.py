@@ -50,3 +50,46 @@ def test_accelerator_settings_are_checked_and_decide_the_ray_resource() -> None:
     assert options(accelerator="musa")["resources"] == {"mthreads_gpu": 1.0}  # Moore Threads: custom
     assert options(accelerator="npu")["resources"] == {"NPU": 1.0}
     assert "num_gpus" not in options(accelerator="cpu") and "resources" not in options(accelerator="cpu")
+
+
+def test_replicas_start_with_malloc_settings_that_keep_frame_buffers_mapped(monkeypatch) -> None:
+    """Replicas get GLIBC_TUNABLES (unless the operator set their own), and on glibc they work:
+    a freed frame-sized buffer is reused without page-faulting its memory back in."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from serving.app import MALLOC_TUNABLES, deployment_options
+
+    def replica_env():
+        return deployment_options(ServingConfig())["ray_actor_options"]["runtime_env"]["env_vars"]
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert replica_env()["GLIBC_TUNABLES"] == MALLOC_TUNABLES
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert "GLIBC_TUNABLES" not in replica_env()  # inherited from the operator's environment instead
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the tunables are glibc's")
+    churn = (
+        "import ctypes, resource\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(20):\n"  # warm up: the heap grows once
+        "    ps = [libc.malloc(150_528) for _ in range(4)]\n"
+        "    [ctypes.memset(p, 1, 150_528) for p in ps]; [libc.free(p) for p in ps]\n"
+        "start = faults()\n"
+        "for _ in range(200):\n"
+        "    ps = [libc.malloc(150_528) for _ in range(4)]\n"
+        "    [ctypes.memset(p, 1, 150_528) for p in ps]; [libc.free(p) for p in ps]\n"
+        "print((faults() - start) / 200)\n"
+    )
+
+    def faults_per_round(env: dict[str, str]) -> float:
+        clean = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", churn], env={**clean, **env}, capture_output=True, text=True)
+        return float(out.stdout)
+
+    assert faults_per_round({}) > 50  # glibc's defaults: four frames' pages faulted in again every round
+    assert faults_per_round({"GLIBC_TUNABLES": MALLOC_TUNABLES}) < 5
