@@ -136,3 +136,37 @@ def test_a_batch_is_one_spool_record_and_is_replayed_row_by_row(url, tmp_path):
     assert alive.recover_orphans() == 111
     alive.close()
     assert sorted(r.request_id for r in stored(url)) == sorted(f"req-{i}" for i in range(111))
+
+
+def test_batch_records_expand_to_full_rows_after_a_flush_and_after_a_crash(url, tmp_path):
+    """A batch record writes the shared fields once; both readers get every call's full row back."""
+    now = time.time()
+
+    def calls(first: int, n: int, status: str = "OK", batch_size: int = 4) -> list[tuple]:
+        return [
+            ("acme", "k", f"r{i % 3}", "e", f"req-{i}", now - 1, status, batch_size, 0.25)
+            for i in range(first, first + n)
+        ]
+
+    live = UsageSpool(tmp_path / "live", url)
+    live.append_batch("m", 8.0, now, calls(0, 4))
+    live.append_batch("m", 0.0, now, calls(4, 1, "DEADLINE_EXCEEDED", 0))  # never reached the policy
+    assert live.writes == 2
+    live.close()  # the flusher's path
+    dead = UsageSpool(tmp_path / "dead", url)
+    dead.append_row(row(dead, 5))  # the row format written before batch records still replays
+    dead.append_batch("m", 6.0, now, calls(6, 3, batch_size=3))
+    crash(dead)
+    recoverer = UsageSpool(tmp_path / "dead", url)
+    assert recoverer.recover_orphans() == 4  # the recovery path
+    recoverer.close()
+
+    rows = {r.request_id: r for r in stored(url)}
+    assert sorted(rows) == sorted(f"req-{i}" for i in range(9))
+    assert len({r.id for r in rows.values()}) == 9  # idempotency ids stay unique
+    assert rows["req-0"] == UsageRecord(
+        id=rows["req-0"].id, tenant="acme", key_id="k", robot_id="r0", model="m", embodiment="e", status="OK",
+        batch_size=4, accel_ms=2.0, queue_ms=0.25, received_at=now - 1, finished_at=now, request_id="req-0",
+    )  # fmt: skip
+    assert (rows["req-4"].status, rows["req-4"].accel_ms, rows["req-4"].batch_size) == ("DEADLINE_EXCEEDED", 0.0, 0)
+    assert [rows[f"req-{i}"].accel_ms for i in (6, 7, 8)] == [2.0, 2.0, 2.0]

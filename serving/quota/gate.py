@@ -216,37 +216,43 @@ class AccessGate:
         """Meter one admitted call that did not come back from a batch (refused, failed, cancelled)."""
         if usage.metered:
             return
-        row = _row(self.spool.next_id(), usage, status, outcome, time.time())
-        self.spool.append_rows([row])  # durable from here
+        batch_size = outcome.batch_size if outcome else 0
+        call = _call(usage, status, batch_size, outcome.queue_ms if outcome else 0.0)
+        compute_ms = outcome.compute_ms if batch_size else 0.0  # type: ignore[union-attr]
+        self.spool.append_batch(usage.model, compute_ms, time.time(), [call])  # durable from here
         usage.metered = True
-        if row[_ACCEL_MS]:
-            self._charge({usage.tenant: row[_ACCEL_MS]}, usage.model)
+        if batch_size:
+            self._charge({usage.tenant: compute_ms / batch_size}, usage.model)
 
     def record_batch(self, items: Sequence[Pending], outcomes: Sequence[Outcome]) -> None:
         """Meter a whole batch at once, before any of its answers leaves.
 
-        One spool write for the batch instead of one per call: per call this is a
-        third of the cost, which matters because the replica's request loop is the
-        W1 bottleneck (docs/benchmarks.md).
+        One spool record for the batch, its shared fields written once: the
+        replica's request loop is the W1 bottleneck, and live every step here costs
+        about five times its tight-loop time (docs/benchmarks.md).
         """
-        finished_at = time.time()
-        rows: list[tuple] = []
+        calls: list[tuple] = []
         metered: list[Usage] = []
+        compute_ms = 0.0
         for item, outcome in zip(items, outcomes, strict=True):
             usage = item.usage
             if usage is not None and not usage.metered:
-                status = "OK" if outcome.error is None else outcome.error.code.name
-                rows.append(_row(self.spool.next_id(), usage, status, outcome, finished_at))
+                error = outcome.error
+                status = "OK" if error is None else error.code.name
+                calls.append(_call(usage, status, outcome.batch_size, outcome.queue_ms))
                 metered.append(usage)
-        if not rows:
+                if outcome.batch_size:  # a call that reached the policy (all such share one compute)
+                    compute_ms = outcome.compute_ms
+        if not calls:
             return
-        self.spool.append_rows(rows)  # durable from here
+        model = metered[0].model
+        self.spool.append_batch(model, compute_ms, time.time(), calls)  # durable from here
         charges: dict[str, float] = {}
-        for usage, row in zip(metered, rows, strict=True):
+        for usage, call in zip(metered, calls, strict=True):
             usage.metered = True
-            if row[_ACCEL_MS]:
-                charges[usage.tenant] = charges.get(usage.tenant, 0.0) + row[_ACCEL_MS]
-        self._charge(charges, metered[0].model)
+            if call[_BATCH_SIZE]:
+                charges[usage.tenant] = charges.get(usage.tenant, 0.0) + compute_ms / call[_BATCH_SIZE]
+        self._charge(charges, model)
 
     def metering(self, run_batch: RunBatch) -> RunBatch:
         """``run_batch`` that also meters every admitted call in the batch (see ``record_batch``)."""
@@ -264,27 +270,22 @@ class AccessGate:
             m.METRICS.inc(m.TENANT_ACCEL_SECONDS, (tenant, model), accel_ms / 1e3)
 
 
-# Index of accel_ms in a usage row (UsageRecord field order).
-_ACCEL_MS = 8
+# Index of batch_size in a spool call tuple (serving.quota.spool.CALL_FIELDS).
+_BATCH_SIZE = 7
 
 
-def _row(record_id: str, usage: Usage, status: str, outcome: Outcome | None, finished_at: float) -> tuple:
-    """A record as a row in UsageRecord field order: no per-call objects beyond the tuple."""
-    batch_size = outcome.batch_size if outcome else 0
+def _call(usage: Usage, status: str, batch_size: int, queue_ms: float) -> tuple:
+    """One call of a batch record, in serving.quota.spool.CALL_FIELDS order."""
     return (
-        record_id,
         usage.tenant,
         usage.key_id,
         usage.robot_id,
-        usage.model,
         usage.embodiment,
+        usage.request_id,
+        usage.admitted_at,
         status,
         batch_size,
-        outcome.compute_ms / batch_size if batch_size else 0.0,  # type: ignore[union-attr]
-        outcome.queue_ms if outcome else 0.0,
-        usage.admitted_at,
-        finished_at,
-        usage.request_id,
+        queue_ms,
     )
 
 

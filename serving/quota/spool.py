@@ -44,15 +44,43 @@ SUFFIX = ".usage.spool"
 
 _LEN = 4  # little-endian length prefix of each record; a zero length ends a segment
 
+# A batch record: (BATCH, replica token, first sequence number, model, batch compute ms,
+# finished_at, calls), each call a tuple in CALL_FIELDS order. What a batch's calls
+# share is written once; ids are "<token>-<first + i>", as ``next_id`` makes them.
+BATCH = 1
+CALL_FIELDS = (
+    "tenant", "key_id", "robot_id", "embodiment", "request_id", "received_at", "status", "batch_size", "queue_ms"
+)  # fmt: skip
+
+
+def batch_rows(record: tuple) -> list[tuple]:
+    """A batch record's calls as rows in UsageRecord field order (each call its share of the compute)."""
+    _, token, first, model, compute_ms, finished_at, calls = record
+    rows = []
+    for i, (tenant, key_id, robot_id, embodiment, request_id, received_at, status, size, queue_ms) in enumerate(calls):
+        accel_ms = compute_ms / size if size else 0.0
+        rows.append(
+            (f"{token}-{first + i}", tenant, key_id, robot_id, model, embodiment, status, size, accel_ms)
+            + (queue_ms, received_at, finished_at, request_id)
+        )
+    return rows
+
+
+def _rows(record: object) -> list[tuple]:
+    """The rows in one spool record: a batch record, a list of rows, or a single row."""
+    if isinstance(record, tuple) and record and record[0] == BATCH:
+        return batch_rows(record)
+    return record if isinstance(record, list) else [record]  # type: ignore[list-item]
+
 
 def _parse_rows(data: bytes | mmap.mmap) -> list[UsageRecord]:
     """The complete records in a spool segment (a torn last record is ignored).
 
-    A spool record is a 4-byte length and a ``marshal``-ed list of rows, each a
-    tuple of plain str/int/float (UsageRecord.to_row): one per batch, 10x cheaper
-    than JSON on the request path. marshal is
-    only ever used for this replica-local, 0600 file that we wrote ourselves;
-    nothing received from the network is ever unmarshalled.
+    A spool record is a 4-byte length and a ``marshal``-ed batch record (above)
+    or, as written before batch records, a list of rows, each a tuple of plain
+    str/int/float (UsageRecord.to_row). marshal is 10x cheaper than JSON on the
+    request path, and is only ever used for this replica-local, 0600 file that we
+    wrote ourselves; nothing received from the network is ever unmarshalled.
     """
     records = []
     pos, size = 0, len(data)
@@ -61,8 +89,7 @@ def _parse_rows(data: bytes | mmap.mmap) -> list[UsageRecord]:
         if n == 0 or pos + _LEN + n > size:
             break
         try:
-            rows = marshal.loads(data[pos + _LEN : pos + _LEN + n])
-            records.extend(UsageRecord(*row) for row in (rows if isinstance(rows, list) else [rows]))
+            records.extend(UsageRecord(*row) for row in _rows(marshal.loads(data[pos + _LEN : pos + _LEN + n])))
         except (EOFError, ValueError, TypeError):
             log.error("usage spool: stopping at an unreadable record at byte %d of %d", pos, size)
             break
@@ -111,7 +138,8 @@ class UsageSpool:
         self._lock = threading.Lock()  # guards the segments, pending rows and counters
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pending: list[tuple] = []  # rows in the spool, not yet in the store
+        # Spool records not yet in the store: batch records and whole rows, as written.
+        self._pending: list[tuple] = []
         self._appended = 0  # rows appended, ever
         self.writes = 0  # spool records written (a batch's rows are one)
         self._stored = 0  # rows handed to the store, ever
@@ -135,12 +163,22 @@ class UsageSpool:
         self.append_rows([row])
 
     def append_rows(self, rows: list[tuple]) -> None:
-        """Append records given as rows in UsageRecord field order (the hot path: no syscall).
+        """Append records given as whole rows in UsageRecord field order, as one spool record."""
+        self._write(marshal.dumps(rows), rows, len(rows))
 
-        A batch's rows go in as one spool record (one marshal, one copy), so the
-        cost per call falls with the batch size.
+    def append_batch(self, model: str, compute_ms: float, finished_at: float, calls: list[tuple]) -> None:
+        """Append a batch's calls (tuples in CALL_FIELDS order) as one spool record: the hot path.
+
+        What the calls share is written once and the ids are numbered here, so a
+        call costs the request loop one small tuple; the flusher expands the rows.
         """
-        data = marshal.dumps(rows)
+        first = self._seq + 1
+        self._seq += len(calls)
+        record = (BATCH, self.replica_token, first, model, compute_ms, finished_at, calls)
+        self._write(marshal.dumps(record), [record], len(calls))
+
+    def _write(self, data: bytes, pending: list[tuple], rows: int) -> None:
+        """Copy one record into the segment (no syscall), and queue it for the flusher."""
         n = len(data)
         with self._lock:
             seg = self._segment
@@ -151,16 +189,16 @@ class UsageSpool:
             seg.mm[seg.pos + _LEN : end] = data
             seg.mm[seg.pos : seg.pos + _LEN] = n.to_bytes(_LEN, "little")  # written last: commits it
             seg.pos = end
-            seg.rows += len(rows)
-            self._pending.extend(rows)
-            self._appended += len(rows)
+            seg.rows += rows
+            self._pending.extend(pending)
+            self._appended += rows
             self.writes += 1
 
     def metric_values(self) -> list[tuple[m.MetricDef, tuple[str, ...], float]]:
         """How far the ledger lags behind this replica (read by the metrics snapshot)."""
         pending = self._pending
         try:
-            oldest = time.time() - pending[0][10] if pending else 0.0  # received_at of the oldest row
+            oldest = time.time() - _rows(pending[0])[0][10] if pending else 0.0  # received_at of the oldest row
         except IndexError:  # flushed meanwhile
             oldest = 0.0
         return [
@@ -226,13 +264,14 @@ class UsageSpool:
 
     def _flush(self, store: LedgerStore) -> None:
         with self._lock:
-            rows, self._pending = self._pending, []
+            pending, self._pending = self._pending, []
+        rows = [row for record in pending for row in _rows(record)]
         try:
             if rows:
                 self.flushed += store.insert_usage_rows(rows)
         except BaseException:
             with self._lock:
-                self._pending[:0] = rows  # keep order; retried at the next tick
+                self._pending[:0] = pending  # keep order; retried at the next tick
             raise
         with self._lock:
             self._stored += len(rows)
