@@ -1,12 +1,13 @@
 """Usage metering without a database write per request: a local spool, flushed in batches.
 
-Each admitted call's usage row is copied into this replica's spool segment, a
-file mapped shared into memory, BEFORE its response is sent: the bytes are in
-the kernel's page cache at once (no system call per request) and survive the
-replica being killed. The row is also kept in memory, and a flusher thread
-hands those rows to the ledger store in batches (every ``flush_interval_s``),
-idempotently: a record's ``id`` is its primary key, so replaying a spool
-inserts nothing twice. Segments are only read back after a crash.
+Each admitted call's usage is copied into this replica's spool segment, a file
+mapped shared into memory, BEFORE its response is sent (a batch's calls as one
+record): the bytes are in the kernel's page cache at once (no system call per
+request) and survive the replica being killed. The record is also kept in
+memory, and a flusher thread expands it into rows and hands them to the ledger
+store in batches (every ``flush_interval_s``), idempotently: a row's ``id`` is
+its primary key, so replaying a spool inserts nothing twice. Segments are only
+read back after a crash.
 
 A replica holds an exclusive ``flock`` on its own segments while it lives. At
 start (and periodically) every replica looks for spool segments in the same
