@@ -23,7 +23,7 @@ from serving.errors import RequestError, permission_denied, quota_exceeded, unau
 from serving.quota import keys
 from serving.quota.leases import QuotaDenied, QuotaUnavailable, ReplicaQuota
 from serving.quota.model import ApiKey, Tenant
-from serving.quota.spool import UsageSpool
+from serving.quota.spool import CALL_FIELDS, UsageSpool
 from serving.quota.store import LedgerStore, open_store
 
 if TYPE_CHECKING:
@@ -270,8 +270,7 @@ class AccessGate:
             m.METRICS.inc(m.TENANT_ACCEL_SECONDS, (tenant, model), accel_ms / 1e3)
 
 
-# Index of batch_size in a spool call tuple (serving.quota.spool.CALL_FIELDS).
-_BATCH_SIZE = 7
+_BATCH_SIZE = CALL_FIELDS.index("batch_size")
 
 
 def _call(usage: Usage, status: str, batch_size: int, queue_ms: float) -> tuple:

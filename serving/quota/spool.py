@@ -47,11 +47,16 @@ _LEN = 4  # little-endian length prefix of each record; a zero length ends a seg
 
 # A batch record: (BATCH, replica token, first sequence number, model, batch compute ms,
 # finished_at, calls), each call a tuple in CALL_FIELDS order. What a batch's calls
-# share is written once; ids are "<token>-<first + i>", as ``next_id`` makes them.
+# share is written once; call i's id is ``record_id(token, first + i)``.
 BATCH = 1
 CALL_FIELDS = (
     "tenant", "key_id", "robot_id", "embodiment", "request_id", "received_at", "status", "batch_size", "queue_ms"
 )  # fmt: skip
+
+
+def record_id(replica_token: str, seq: int) -> str:
+    """The idempotency id of a replica's ``seq``-th admitted call: unique across the cluster."""
+    return f"{replica_token}-{seq}"
 
 
 def batch_rows(record: tuple) -> list[tuple]:
@@ -61,7 +66,7 @@ def batch_rows(record: tuple) -> list[tuple]:
     for i, (tenant, key_id, robot_id, embodiment, request_id, received_at, status, size, queue_ms) in enumerate(calls):
         accel_ms = compute_ms / size if size else 0.0
         rows.append(
-            (f"{token}-{first + i}", tenant, key_id, robot_id, model, embodiment, status, size, accel_ms)
+            (record_id(token, first + i), tenant, key_id, robot_id, model, embodiment, status, size, accel_ms)
             + (queue_ms, received_at, finished_at, request_id)
         )
     return rows
@@ -155,10 +160,7 @@ class UsageSpool:
     def next_id(self) -> str:
         """A cluster-unique idempotency id for a call this replica admitted."""
         self._seq += 1
-        return f"{self.replica_token}-{self._seq}"
-
-    def append(self, record: UsageRecord) -> None:
-        self.append_rows([record.to_row()])
+        return record_id(self.replica_token, self._seq)
 
     def append_row(self, row: tuple) -> None:
         self.append_rows([row])
