@@ -91,8 +91,11 @@ class ServingConfig(BaseModel):
     key_refresh_s: float = Field(1.0, gt=0)
     # Usage records reach the ledger store in batches this often.
     usage_flush_s: float = Field(0.5, gt=0)
-    # Quota leases: a replica's slice of a tenant's tokens expires after this.
-    lease_ttl_s: float = Field(1.0, gt=0)
+    # Quota leases: a replica's slice of a tenant's tokens expires after this, and
+    # a replica asks for half of it worth of demand at a time. 2 s: a busy replica
+    # then exchanges with the coordinator (a Ray actor call) about 1.5 times a
+    # second, not 2.8, which W1 throughput with auth on feels (docs/benchmarks.md).
+    lease_ttl_s: float = Field(2.0, gt=0)
 
     # Ops (docs/operations.md). One Prometheus endpoint per node on this port
     # (0: none), serving every process's superbrain_* metrics, the accelerators'

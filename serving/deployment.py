@@ -98,7 +98,8 @@ class PolicyReplica:
         coordinator = ActorCoordinator(
             serve.get_replica_context().app_name, spool.replica_token, url, lease_ttl_s=cfg.lease_ttl_s
         )
-        gate = AccessGate(KeyCache(url, refresh_s=cfg.key_refresh_s), ReplicaQuota(coordinator), spool)
+        quota = ReplicaQuota(coordinator, horizon_s=cfg.lease_ttl_s / 2)
+        gate = AccessGate(KeyCache(url, refresh_s=cfg.key_refresh_s), quota, spool)
         await gate.start()
         # Start (or find) the coordinator now: starting its Ray worker takes seconds
         # of CPU, which would otherwise land on the first robots' calls.

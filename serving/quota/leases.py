@@ -338,8 +338,10 @@ class ReplicaQuota:
         self,
         coordinator: Coordinator,
         *,
-        # Half the 1 s lease TTL: an exchange is a Ray actor call (a millisecond or two of
-        # CPU across both processes), so a busy replica makes only 2-3 a second.
+        # Half the lease TTL (the app passes ``lease_ttl_s / 2``). An exchange is a Ray
+        # actor call, a millisecond or two of CPU across both processes, so a longer
+        # horizon means fewer of them; tokens still need slack to be spent before
+        # they expire, which half the TTL leaves.
         horizon_s: float = 0.5,
         sync_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
