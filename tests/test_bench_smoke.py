@@ -190,3 +190,29 @@ def test_bench_refuses_interleave_with_alternate() -> None:
     assert proc.returncode != 0 and "pick one" in proc.stderr
     proc = subprocess.run([*cmd, "--instances", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "apply to --interleave only" in proc.stderr
+
+
+def test_an_instance_that_fails_to_start_is_started_once_more(monkeypatch) -> None:
+    """A lost instance would cost the run its pooled ratio; a second failure is reported, not retried forever."""
+    from serving.bench import runner
+
+    attempts: list[list[str]] = []
+
+    def flaky(systems, *args):
+        attempts.append(systems)
+        if len(attempts) == 1:
+            raise RuntimeError("superbrain did not start")
+        return {name: {"rps": 1.0} for name in systems}
+
+    monkeypatch.setattr(runner, "_run_interleaved", flaky)
+    pair = ["superbrain", "superbrain_auth_off"]
+    assert runner._interleaved_instance(pair, "W1") == {name: {"rps": 1.0} for name in pair}
+    assert attempts == [pair, pair]
+
+    def broken(systems, *args):
+        attempts.append(systems)
+        raise RuntimeError("port taken")
+
+    monkeypatch.setattr(runner, "_run_interleaved", broken)
+    failed = runner._interleaved_instance(["superbrain"], "W1")
+    assert len(attempts) == 4 and "port taken" in failed["superbrain"]["error"]

@@ -557,6 +557,23 @@ def _run_interleaved(
     return results
 
 
+def _interleaved_instance(systems: list[str], *args: Any) -> dict[str, dict[str, Any]]:
+    """One interleaved instance, started afresh once more if it fails.
+
+    A start can fail for reasons outside the systems under test (the gRPC port
+    the runner picked taken by another process before the replica binds it), and
+    one lost instance costs the whole run its pooled ratio.
+    """
+    try:
+        return _run_interleaved(systems, *args)
+    except Exception as exc:
+        _log(f"instance failed ({exc}); starting it again")
+    try:
+        return _run_interleaved(systems, *args)
+    except Exception as exc:
+        return {name: _failed(name, exc) for name in systems}
+
+
 def _pool_instances(systems: list[str], instances: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """One result per system from several interleaved instances: their rounds, pooled.
 
@@ -649,10 +666,7 @@ def main(args: argparse.Namespace) -> int:
                 _log(f"instance {i + 1}/{n_instances}")
             # Start order flipped every other instance, like the turn order within one.
             order = systems if i % 2 == 0 else systems[::-1]
-            try:
-                instances.append(_run_interleaved(order, workload, levels[0], workdir, server_env, args, n_rounds))
-            except Exception as exc:
-                instances.append({name: _failed(name, exc) for name in systems})
+            instances.append(_interleaved_instance(order, workload, levels[0], workdir, server_env, args, n_rounds))
         results = _pool_instances(systems, instances)
     elif args.alternate and not args.smoke:
         if RAW_MODEL in systems:
