@@ -62,14 +62,24 @@ def record_id(replica_token: str, seq: int) -> str:
 def batch_rows(record: tuple) -> list[tuple]:
     """A batch record's calls as rows in UsageRecord field order (each call its share of the compute)."""
     _, token, first, model, compute_ms, finished_at, calls = record
-    rows = []
-    for i, (tenant, key_id, robot_id, embodiment, request_id, received_at, status, size, queue_ms) in enumerate(calls):
-        accel_ms = compute_ms / size if size else 0.0
-        rows.append(
-            (record_id(token, first + i), tenant, key_id, robot_id, model, embodiment, status, size, accel_ms)
-            + (queue_ms, received_at, finished_at, request_id)
+    return [
+        (
+            record_id(token, first + i),
+            tenant,
+            key_id,
+            robot_id,
+            model,
+            embodiment,
+            status,
+            size,
+            compute_ms / size if size else 0.0,  # accel_ms
+            queue,
+            received_at,
+            finished_at,
+            request_id,
         )
-    return rows
+        for i, (tenant, key_id, robot_id, embodiment, request_id, received_at, status, size, queue) in enumerate(calls)
+    ]
 
 
 def _rows(record: object) -> list[tuple]:
