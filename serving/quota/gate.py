@@ -23,7 +23,7 @@ from serving.errors import RequestError, permission_denied, quota_exceeded, unau
 from serving.quota import keys
 from serving.quota.leases import QuotaDenied, QuotaUnavailable, ReplicaQuota
 from serving.quota.model import ApiKey, Tenant
-from serving.quota.spool import CALL_FIELDS, UsageSpool
+from serving.quota.spool import CALL_FIELDS, UsageSpool, accel_share
 from serving.quota.store import LedgerStore, open_store
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ class AccessGate:
         self.spool.append_batch(usage.model, compute_ms, time.time(), [call])  # durable from here
         usage.metered = True
         if batch_size:
-            self._charge({usage.tenant: compute_ms / batch_size}, usage.model)
+            self._charge({usage.tenant: accel_share(compute_ms, batch_size)}, usage.model)
 
     def record_batch(self, items: Sequence[Pending], outcomes: Sequence[Outcome]) -> None:
         """Meter a whole batch at once, before any of its answers leaves.
@@ -251,7 +251,7 @@ class AccessGate:
         for usage, call in zip(metered, calls, strict=True):
             usage.metered = True
             if call[_BATCH_SIZE]:
-                charges[usage.tenant] = charges.get(usage.tenant, 0.0) + compute_ms / call[_BATCH_SIZE]
+                charges[usage.tenant] = charges.get(usage.tenant, 0.0) + accel_share(compute_ms, call[_BATCH_SIZE])
         self._charge(charges, model)
 
     def metering(self, run_batch: RunBatch) -> RunBatch:

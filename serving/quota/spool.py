@@ -59,6 +59,11 @@ def record_id(replica_token: str, seq: int) -> str:
     return f"{replica_token}-{seq}"
 
 
+def accel_share(compute_ms: float, batch_size: int) -> float:
+    """A call's accelerator ms: its share of its batch's compute (0 if it never reached the policy)."""
+    return compute_ms / batch_size if batch_size else 0.0
+
+
 def batch_rows(record: tuple) -> list[tuple]:
     """A batch record's calls as rows in UsageRecord field order (each call its share of the compute)."""
     _, token, first, model, compute_ms, finished_at, calls = record
@@ -72,7 +77,7 @@ def batch_rows(record: tuple) -> list[tuple]:
             embodiment,
             status,
             size,
-            compute_ms / size if size else 0.0,  # accel_ms
+            accel_share(compute_ms, size),
             queue,
             received_at,
             finished_at,
