@@ -192,27 +192,28 @@ def test_bench_refuses_interleave_with_alternate() -> None:
     assert proc.returncode != 0 and "apply to --interleave only" in proc.stderr
 
 
-def test_an_instance_that_fails_to_start_is_started_once_more(monkeypatch) -> None:
+def test_an_instance_that_fails_to_start_is_started_once_more(monkeypatch, tmp_path) -> None:
     """A lost instance would cost the run its pooled ratio; a second failure is reported, not retried forever."""
     from serving.bench import runner
 
-    attempts: list[list[str]] = []
+    attempts: list[tuple[list[str], Path]] = []
 
-    def flaky(systems, *args):
-        attempts.append(systems)
+    def flaky(systems, workload, concurrency, workdir, *rest):
+        attempts.append((systems, workdir))
         if len(attempts) == 1:
             raise RuntimeError("superbrain did not start")
         return {name: {"rps": 1.0} for name in systems}
 
     monkeypatch.setattr(runner, "_run_interleaved", flaky)
     pair = ["superbrain", "superbrain_auth_off"]
-    assert runner._interleaved_instance(pair, "W1") == {name: {"rps": 1.0} for name in pair}
-    assert attempts == [pair, pair]
+    assert runner._interleaved_instance(pair, "W1", 64, tmp_path) == {name: {"rps": 1.0} for name in pair}
+    # The second start logs elsewhere: the first one's logs say why it failed.
+    assert attempts == [(pair, tmp_path), (pair, tmp_path / "retry")]
 
     def broken(systems, *args):
-        attempts.append(systems)
+        attempts.append((systems, args[2]))
         raise RuntimeError("port taken")
 
     monkeypatch.setattr(runner, "_run_interleaved", broken)
-    failed = runner._interleaved_instance(["superbrain"], "W1")
+    failed = runner._interleaved_instance(["superbrain"], "W1", 64, tmp_path)
     assert len(attempts) == 4 and "port taken" in failed["superbrain"]["error"]

@@ -557,19 +557,20 @@ def _run_interleaved(
     return results
 
 
-def _interleaved_instance(systems: list[str], *args: Any) -> dict[str, dict[str, Any]]:
-    """One interleaved instance, started afresh once more if it fails.
+def _interleaved_instance(systems: list[str], workload: str, concurrency: int, workdir: Path, *rest: Any) -> dict:
+    """One interleaved instance, started afresh once more (in ``workdir/retry``) if it fails.
 
     A start can fail for reasons outside the systems under test (the gRPC port
     the runner picked taken by another process before the replica binds it), and
-    one lost instance costs the whole run its pooled ratio.
+    one lost instance costs the whole run its pooled ratio. The failed attempt's
+    logs stay where they are.
     """
     try:
-        return _run_interleaved(systems, *args)
+        return _run_interleaved(systems, workload, concurrency, workdir, *rest)
     except Exception as exc:
         _log(f"instance failed ({exc}); starting it again")
     try:
-        return _run_interleaved(systems, *args)
+        return _run_interleaved(systems, workload, concurrency, workdir / "retry", *rest)
     except Exception as exc:
         return {name: _failed(name, exc) for name in systems}
 
@@ -666,7 +667,9 @@ def main(args: argparse.Namespace) -> int:
                 _log(f"instance {i + 1}/{n_instances}")
             # Start order flipped every other instance, like the turn order within one.
             order = systems if i % 2 == 0 else systems[::-1]
-            instances.append(_interleaved_instance(order, workload, levels[0], workdir, server_env, args, n_rounds))
+            # Each instance logs into its own directory, so a failure's cause survives the next one.
+            where = workdir / f"instance-{i + 1}" if n_instances > 1 else workdir
+            instances.append(_interleaved_instance(order, workload, levels[0], where, server_env, args, n_rounds))
         results = _pool_instances(systems, instances)
     elif args.alternate and not args.smoke:
         if RAW_MODEL in systems:
