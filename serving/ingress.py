@@ -113,12 +113,18 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         received = time.monotonic()
         remaining = context.time_remaining()
         caller = None
+        admitted = False
         try:
             if self._gate is not None:
-                # Inline, not through _authenticate: a coroutine per call is measurable in W1.
+                # One plain call admits a caller seen before: in W1, each extra call or
+                # coroutine on this path is measurable (docs/benchmarks.md).
                 metadata = call_metadata(context)
-                caller = self._gate.cached_caller(metadata) or await self._gate.authenticate(metadata)
-            outcome = await self._act(request, received, remaining, caller)
+                if self.inflight < self._limits.max_queued_requests:  # else _act refuses it before admission
+                    caller = self._gate.admit_known(metadata, request.observation.model or self._policy.name)
+                    admitted = caller is not None
+                if caller is None:  # the slow way, which says why if it refuses
+                    caller = await self._authenticate(context, metadata)
+            outcome = await self._act(request, received, remaining, caller, admitted)
         except RequestError as err:
             context.set_code(err.code)
             context.set_details(err.detail)
@@ -197,7 +203,9 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         received: float,
         remaining: float | None,
         caller: Caller | None,
+        admitted: bool = False,
     ) -> Outcome:
+        """One observation: admission (unless ``admitted`` already), then ``_run``, metered once."""
         if self.inflight >= self._limits.max_queued_requests:
             m.METRICS.inc(m.OVERLOAD_REJECTIONS, self._model_label)
             raise exhausted(
@@ -208,10 +216,11 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         if caller is None:
             return await self._run(request, received, remaining)
         assert self._gate is not None
-        model = obs.model or self._policy.name
-        if not self._gate.try_admit(caller, model):
-            self._gate.authorize(caller, model)
-            await self._gate.admit(caller)
+        if not admitted:
+            model = obs.model or self._policy.name
+            if not self._gate.try_admit(caller, model):
+                self._gate.authorize(caller, model)
+                await self._gate.admit(caller)
         # Admitted: from here on exactly one usage record, whatever the outcome. The
         # batcher's metering hook writes it with the rest of the batch before any
         # answer leaves; a call that never got a batch result is recorded here.

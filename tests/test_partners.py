@@ -137,6 +137,45 @@ def test_the_key_cache_is_keyed_by_the_header_as_sent_and_emptied_by_a_reload(le
     asyncio.run(scenario())
 
 
+def test_the_fast_path_takes_a_token_only_for_a_verified_key_and_a_planned_model(ledger_url, tmp_path):
+    """admit_known admits in one step or takes nothing, leaving the slow path to say why."""
+    import asyncio
+
+    key = add_tenant(ledger_url, "acme", Plan(rate_per_s=1000, burst=1000, models=("echo",)))
+    book = QuotaBook(lease_ttl_s=60.0)
+    with open_store(ledger_url) as store:
+        book.set_plans({t.name: t.plan for t in store.list_tenants()})
+    # A long horizon, so the slow path's exchange leases more than the one token it takes.
+    quota = ReplicaQuota(LocalCoordinator(book, "r0"), horizon_s=100.0)
+    gate = AccessGate(KeyCache(ledger_url, refresh_s=60), quota, UsageSpool(tmp_path / "spool", ledger_url))
+    metadata = (("user-agent", "test"), ("authorization", f"Bearer {key}"))
+
+    async def scenario():
+        await gate.start()
+        try:
+            assert gate.admit_known(metadata, "echo") is None  # not verified on this replica yet
+            caller = await gate.authenticate(metadata)
+            assert gate.admit_known(metadata, "echo") is None  # no tokens leased yet
+            await asyncio.sleep(0.2)  # the bucket refills
+            await gate.admit(caller)
+            held = quota._slices["acme"].tokens
+            assert held > 0
+            assert gate.admit_known(metadata, "echo") == caller
+            assert quota._slices["acme"].tokens == held - 1
+            for refused_metadata, model in [
+                (metadata, "someone-elses-model"),
+                ((("authorization", f"Bearer {key[:-1]}x"),), "echo"),
+                ((("user-agent", "test"),), "echo"),
+                (None, "echo"),
+            ]:
+                assert gate.admit_known(refused_metadata, model) is None
+            assert quota._slices["acme"].tokens == held - 1
+        finally:
+            await gate.close()
+
+    asyncio.run(scenario())
+
+
 def test_describe_needs_a_key_too(partners):
     with RobotClient(partners.server.address, api_key="", retry=NO_RETRY) as robot:
         with pytest.raises(Unauthenticated):

@@ -352,7 +352,7 @@ class ReplicaQuota:
         self._clock = clock
         self._slices: dict[str, _Slice] = {}
         self._inflight: asyncio.Future[None] | None = None
-        self._exchanges = 0
+        self.exchanges = 0  # completed exchanges with the coordinator
         self._last_sync = clock()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -368,12 +368,20 @@ class ReplicaQuota:
     # -- hot path -------------------------------------------------------------
 
     def try_take(self, tenant: str) -> bool:
-        """The synchronous fast path: a token from the slice, if it has one."""
-        s = self._slice(tenant)
-        if self._take(s):
-            s.attempts += 1
-            return True
-        return False
+        """The synchronous fast path: a token from the slice, if it has an unexpired one.
+
+        ``_take`` flattened into this one frame (it runs for every call on the
+        request loop); False takes nothing, and ``admit`` then sorts out why.
+        """
+        s = self._slices.get(tenant)
+        if s is None or s.tokens <= 0 or self._clock() >= s.expires:
+            return False
+        s.tokens -= 1
+        s.used += 1
+        s.attempts += 1
+        if s.tokens <= s.low_water and self._inflight is None:
+            self._start_exchange()  # prefetch in the background
+        return True
 
     async def admit(self, tenant: str) -> None:
         """Take one token for ``tenant``, or raise QuotaDenied / QuotaUnavailable."""
@@ -389,7 +397,7 @@ class ReplicaQuota:
         failures = self.failures
         try:
             for _ in range(2):  # an exchange already in flight may not have asked for us
-                mark = self._exchanges
+                mark = self.exchanges
                 await self._sync()
                 if self._take(s):
                     return
@@ -507,7 +515,7 @@ class ReplicaQuota:
             self.failures += 1
             log.warning("quota exchange failed (%d so far)", self.failures, exc_info=True)
             return
-        self._exchanges += 1
+        self.exchanges += 1
         for tenant, grant in grants.items():
             s = self._slices[tenant]
             used, returned, accel = snapshot[tenant]
@@ -524,7 +532,7 @@ class ReplicaQuota:
             if grant.granted == 0 and grant.limit:
                 s.deny_until = self._clock() + grant.retry_after_s
                 s.deny_limit = grant.limit
-                s.deny_mark = self._exchanges
+                s.deny_mark = self.exchanges
             elif grant.granted:
                 s.deny_until, s.deny_limit = 0.0, ""
 
