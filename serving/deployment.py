@@ -130,7 +130,7 @@ class PolicyReplica:
         # Counters exist from the start at 0, so rate() and alerts see "none yet", not "no data".
         m.METRICS.inc(m.OVERLOAD_REJECTIONS, model, 0.0)
         if self.gate is not None:
-            telemetry.add_source(self.gate.spool.metric_values)
+            telemetry.add_source(self.gate.metric_values)
         return telemetry
 
     # Used with ``batcher: serve``; the default capacity-aware CapacityBatcher forms

@@ -156,6 +156,17 @@ USAGE_FLUSH_FAILURES = MetricDef(
 USAGE_STORED = MetricDef(
     "superbrain_usage_records_stored", "counter", "Usage records written to the ledger store (replays included)"
 )
+QUOTA_EXCHANGES = MetricDef(
+    "superbrain_quota_exchanges", "counter", "Lease exchanges of this replica with the quota coordinator"
+)
+QUOTA_EXCHANGE_FAILURES = MetricDef(
+    "superbrain_quota_exchange_failures", "counter", "Lease exchanges that failed (coordinator unreachable or slow)"
+)
+QUOTA_ADMISSION_WAITS = MetricDef(
+    "superbrain_quota_admission_waits",
+    "counter",
+    "Admissions that found their tenant's leased slice empty and waited for an exchange",
+)
 BUILD_INFO = MetricDef(
     "superbrain_build_info", "gauge", "Superbrain version of this node's metrics endpoint", ("version",)
 )

@@ -160,6 +160,10 @@ def test_the_fast_path_takes_a_token_only_for_a_verified_key_and_a_planned_model
             await gate.admit(caller)
             held = quota._slices["acme"].tokens
             assert held > 0
+            exported = {metric.name: value for metric, _, value in gate.metric_values()}
+            assert exported["superbrain_quota_admission_waits"] == 1  # the slow path waited for the lease
+            assert exported["superbrain_quota_exchanges"] >= 1
+            assert exported["superbrain_quota_exchange_failures"] == 0
             assert gate.admit_known(metadata, "echo") == caller
             assert quota._slices["acme"].tokens == held - 1
             for refused_metadata, model in [

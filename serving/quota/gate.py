@@ -177,6 +177,16 @@ class AccessGate:
         finally:
             await asyncio.to_thread(self.spool.close)
 
+    def metric_values(self) -> list[tuple[m.MetricDef, tuple[str, ...], float]]:
+        """Lease exchanges, waits and the ledger's lag (read by the metrics snapshot)."""
+        quota = self.quota
+        return [
+            (m.QUOTA_EXCHANGES, (), float(quota.exchanges)),
+            (m.QUOTA_EXCHANGE_FAILURES, (), float(quota.failures)),
+            (m.QUOTA_ADMISSION_WAITS, (), float(quota.waits)),
+            *self.spool.metric_values(),
+        ]
+
     def cached_caller(self, metadata) -> Caller | None:
         """A key this replica already verified (None: call ``authenticate``)."""
         return self.keys.cached(keys.authorization(metadata))
