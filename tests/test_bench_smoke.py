@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ray
-def test_bench_smoke_prints_one_json_summary_with_no_errors() -> None:
+def test_bench_smoke_prints_one_json_summary_with_no_errors(tmp_path) -> None:
     env = dict(os.environ, RAY_ADDRESS="")
     proc = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "bench", "--smoke", "--json"],
+        [sys.executable, "-m", "serving.cli", "bench", "--smoke", "--json", "--workdir", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -31,6 +32,12 @@ def test_bench_smoke_prints_one_json_summary_with_no_errors() -> None:
         assert result["rps"] > 0
         assert all(level["ok"] == level["calls"] for level in result["sweep"].values())
     assert summary["ratio_vs_limit"] > 0
+    # The auth-on system's throwaway key reached the load generator, never a log.
+    logs = [path for path in tmp_path.rglob("*.log") if path.is_file()]
+    assert any(path.name == "superbrain.log" for path in logs)
+    for path in logs:
+        text = path.read_text(errors="replace")
+        assert "api_key" not in text and not re.search(r"sb_[0-9a-f]{12}_", text), path
 
 
 @pytest.mark.ray

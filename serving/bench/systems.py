@@ -553,6 +553,8 @@ class RunningSystem:
                 if line.startswith(READY_PREFIX) and not got_ready.is_set():
                     ready.update(json.loads(line[len(READY_PREFIX) :]))
                     got_ready.set()
+                    # The log keeps the line without the tenant's key: keys never go into logs.
+                    line = READY_PREFIX + json.dumps({k: v for k, v in ready.items() if k != "api_key"}) + "\n"
                 log.write(line)
                 log.flush()
             log.close()
