@@ -214,7 +214,7 @@ class AccessGate:
         return None
 
     def try_admit(self, caller: Caller, model: str) -> bool:
-        """``admit_known`` for a caller already authenticated (a stream's steps)."""
+        """``admit_known`` for a caller already authenticated (stream steps, and the slow path)."""
         return caller.tenant.plan.allows_model(model) and self.quota.try_take(caller.tenant.name)
 
     @staticmethod
