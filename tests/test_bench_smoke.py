@@ -224,3 +224,16 @@ def test_an_instance_that_fails_to_start_is_started_once_more(monkeypatch, tmp_p
     monkeypatch.setattr(runner, "_run_interleaved", broken)
     failed = runner._interleaved_instance(["superbrain"], "W1", 64, tmp_path)
     assert len(attempts) == 4 and "port taken" in failed["superbrain"]["error"]
+
+
+@pytest.mark.ray
+def test_the_auth_on_system_keeps_its_ledger_and_spool_inside_the_run_directory(tmp_path, monkeypatch) -> None:
+    """A system killed before it cleans up (a bench timeout) leaves nothing elsewhere in /tmp."""
+    from serving.bench.systems import RunningSystem
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with RunningSystem("superbrain", "W1", tmp_path) as running:
+        assert running.api_key  # auth on: a throwaway tenant exists
+        states = list(tmp_path.glob("superbrain-bench-state-*"))
+        assert len(states) == 1 and (states[0] / "ledger.db").is_file()
+    assert not list(tmp_path.glob("superbrain-bench-state-*"))  # and a clean stop removes it

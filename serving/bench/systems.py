@@ -115,6 +115,7 @@ DESCRIPTIONS = {
 }
 
 READY_PREFIX = "READY "
+STATE_PARENT_ENV = "SUPERBRAIN_BENCH_STATE_PARENT"
 START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 120.0
@@ -151,6 +152,9 @@ def system_env(system: str, workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # always a fresh local instance, never someone else's cluster
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Where the auth-on system puts its throwaway ledger and spool: inside the run's
+    # directory, so a system killed before it cleans up leaves nothing elsewhere.
+    env[STATE_PARENT_ENV] = str(workdir)
     env.setdefault("PYTHONUNBUFFERED", "1")
     for key in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
         env.pop(key, None)
@@ -326,7 +330,8 @@ def _serve_superbrain(system: str, policy: str, request: bytes, stopper: _Stoppe
     api_key = None
     if cfg.auth:
         # A throwaway ledger with one unlimited tenant: the full auth + quota + metering path.
-        cfg = cfg.model_copy(update={"state_dir": tempfile.mkdtemp(prefix="superbrain-bench-state-")})
+        state_dir = tempfile.mkdtemp(prefix="superbrain-bench-state-", dir=os.environ.get(STATE_PARENT_ENV))
+        cfg = cfg.model_copy(update={"state_dir": state_dir})
         api_key = _bench_tenant_key(cfg)
         metadata = (("authorization", f"Bearer {api_key}"),)
     launcher.ensure_ray(None)
