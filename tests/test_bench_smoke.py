@@ -237,3 +237,13 @@ def test_the_auth_on_system_keeps_its_ledger_and_spool_inside_the_run_directory(
         states = list(tmp_path.glob("superbrain-bench-state-*"))
         assert len(states) == 1 and (states[0] / "ledger.db").is_file()
     assert not list(tmp_path.glob("superbrain-bench-state-*"))  # and a clean stop removes it
+
+
+def test_gatecost_prints_each_gate_step_warm_and_with_caches_evicted(capsys) -> None:
+    from serving.bench import gatecost
+
+    assert gatecost.main(["--batches", "3", "--batch-sizes", "2", "--evict-mb", "1", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(results) == {"batch 2, warm", "batch 2, 1 MB evicted"}
+    for steps in results.values():
+        assert set(steps) == set(gatecost.STEPS) and all(us > 0 for us in steps.values())
