@@ -66,7 +66,7 @@ class KeyCache:
         # Authorization values (``Bearer <key>``, as sent) already checked against this
         # snapshot: the hot path is one dict lookup, not even a parse. Rebuilt empty
         # at every reload, so revocation still applies.
-        self.verified: dict[str | bytes, Caller] = {}
+        self._verified: dict[str | bytes, Caller] = {}
         self._loaded_at = 0.0
         self._store: LedgerStore | None = None
         self._refreshing: asyncio.Task[None] | None = None
@@ -102,7 +102,7 @@ class KeyCache:
 
     async def _reload(self) -> None:
         self._keys, self._tenants = await asyncio.to_thread(self._load)
-        self.verified = {}
+        self._verified = {}
         self._loaded_at = time.monotonic()
 
     async def start(self) -> None:
@@ -125,13 +125,13 @@ class KeyCache:
 
     def cached(self, header: str | bytes | None) -> Caller | None:
         """The caller for an authorization value already verified against the current snapshot."""
-        return self.verified.get(header) if header is not None else None
+        return self._verified.get(header) if header is not None else None
 
     async def authenticate(self, header: str | bytes | None) -> Caller:
         """The caller an authorization value (``Bearer <key>``) belongs to, or UNAUTHENTICATED."""
         caller = await self.caller(keys.token_of(header))
-        if header is not None and len(self.verified) < MAX_VERIFIED:
-            self.verified[header] = caller
+        if header is not None and len(self._verified) < MAX_VERIFIED:
+            self._verified[header] = caller
         return caller
 
     async def caller(self, token: str | None) -> Caller:
@@ -199,22 +199,13 @@ class AccessGate:
         before, a model its plan allows, and a token from this replica's slice, taken now.
 
         None: nothing was taken; ``authenticate``, ``authorize`` and ``admit`` then
-        admit the call the slow way or say why not. Flat on purpose: live, every
-        Python call on the request loop costs about five times its tight-loop time
-        (docs/benchmarks.md).
+        admit the call the slow way or say why not.
         """
-        for name, value in metadata or ():
-            if name == "authorization":
-                caller = self.keys.verified.get(value)
-                break
-        else:
-            return None
-        if caller is not None and caller.tenant.plan.allows_model(model) and self.quota.try_take(caller.tenant.name):
-            return caller
-        return None
+        caller = self.cached_caller(metadata)
+        return caller if caller is not None and self.try_admit(caller, model) else None
 
     def try_admit(self, caller: Caller, model: str) -> bool:
-        """``admit_known`` for a caller already authenticated (stream steps, and the slow path)."""
+        """The plan allows ``model`` and this replica's slice has a token, taken now (False: none taken)."""
         return caller.tenant.plan.allows_model(model) and self.quota.try_take(caller.tenant.name)
 
     @staticmethod

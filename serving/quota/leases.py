@@ -370,17 +370,12 @@ class ReplicaQuota:
     def try_take(self, tenant: str) -> bool:
         """The synchronous fast path: a token from the slice, if it has an unexpired one.
 
-        ``_take`` flattened into this one frame (it runs for every call on the
-        request loop); False takes nothing, and ``admit`` then sorts out why.
+        False takes nothing; ``admit`` then sorts out why.
         """
         s = self._slices.get(tenant)
-        if s is None or s.tokens <= 0 or self._clock() >= s.expires:
+        if s is None or not self._take(s):
             return False
-        s.tokens -= 1
-        s.used += 1
         s.attempts += 1
-        if s.tokens <= s.low_water and self._inflight is None:
-            self._start_exchange()  # prefetch in the background
         return True
 
     async def admit(self, tenant: str) -> None:
