@@ -82,7 +82,7 @@ def test_admissions_stay_within_burst_plus_rate_over_every_window(replicas):
 
 
 def exchanges_of_an_unlimited_tenant(ttl: float) -> int:
-    """Exchanges of two replicas over 2 s at 10,000 calls/s each, asking for ``ttl / 2`` of demand (as the app does)."""
+    """Exchanges of two replicas over 6 s at 10,000 calls/s each, asking for ``ttl / 2`` of demand (as the app does)."""
     clock = Clock()
     book, _ = cluster(Plan(rate_per_s=1e6, burst=1_000_000), 2, clock, ttl=ttl)
     clock.t += 0.05  # the app starts the coordinator before robots call: its buckets have filled
