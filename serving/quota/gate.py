@@ -226,14 +226,15 @@ class AccessGate:
 
     def usage(self, caller: Caller, robot_id: str, model: str, embodiment: str, request_id: str) -> Usage:
         """The usage stub of a call just admitted; exactly one record is written for it."""
-        return Usage(caller.tenant.name, caller.key_id, robot_id, model, embodiment, request_id, time.time())
+        tenant = caller.tenant.name
+        return Usage(tenant, model, (tenant, caller.key_id, robot_id, embodiment, request_id, time.time()))
 
     def record(self, usage: Usage, status: str, outcome: Outcome | None) -> None:
         """Meter one admitted call that did not come back from a batch (refused, failed, cancelled)."""
         if usage.metered:
             return
         batch_size = outcome.batch_size if outcome else 0
-        call = _call(usage, status, batch_size, outcome.queue_ms if outcome else 0.0)
+        call = usage.admitted + (status, batch_size, outcome.queue_ms if outcome else 0.0)
         compute_ms = outcome.compute_ms if batch_size else 0.0  # type: ignore[union-attr]
         self.spool.append_batch(usage.model, compute_ms, time.time(), [call])  # durable from here
         usage.metered = True
@@ -243,32 +244,35 @@ class AccessGate:
     def record_batch(self, items: Sequence[Pending], outcomes: Sequence[Outcome]) -> None:
         """Meter a whole batch at once, before any of its answers leaves.
 
-        One spool record for the batch, its shared fields written once: the
-        replica's request loop is the W1 bottleneck, and live every step here costs
-        about five times its tight-loop time (docs/benchmarks.md).
+        One spool record for the batch, its shared fields written once, and no
+        function call per call: the replica's request loop is the W1 bottleneck,
+        and live every step here costs several times its tight-loop time
+        (docs/benchmarks.md).
         """
         calls: list[tuple] = []
         metered: list[Usage] = []
-        compute_ms = 0.0
+        compute_ms, size = 0.0, 0
         for item, outcome in zip(items, outcomes, strict=True):
             usage = item.usage
             if usage is not None and not usage.metered:
                 error = outcome.error
                 status = "OK" if error is None else error.code.name
-                calls.append(_call(usage, status, outcome.batch_size, outcome.queue_ms))
+                calls.append(usage.admitted + (status, outcome.batch_size, outcome.queue_ms))
                 metered.append(usage)
-                if outcome.batch_size:  # a call that reached the policy (all such share one compute)
-                    compute_ms = outcome.compute_ms
+                if outcome.batch_size:  # reached the policy: all such calls share one compute
+                    compute_ms, size = outcome.compute_ms, outcome.batch_size
         if not calls:
             return
         model = metered[0].model
         self.spool.append_batch(model, compute_ms, time.time(), calls)  # durable from here
         charges: dict[str, float] = {}
+        share = accel_share(compute_ms, size)
         for usage, call in zip(metered, calls, strict=True):
             usage.metered = True
             if call[_BATCH_SIZE]:
-                charges[usage.tenant] = charges.get(usage.tenant, 0.0) + accel_share(compute_ms, call[_BATCH_SIZE])
-        self._charge(charges, model)
+                charges[usage.tenant] = charges.get(usage.tenant, 0.0) + share
+        if charges:
+            self._charge(charges, model)
 
     def metering(self, run_batch: RunBatch) -> RunBatch:
         """``run_batch`` that also meters every admitted call in the batch (see ``record_batch``)."""
@@ -289,22 +293,7 @@ class AccessGate:
 _BATCH_SIZE = CALL_FIELDS.index("batch_size")
 
 
-def _call(usage: Usage, status: str, batch_size: int, queue_ms: float) -> tuple:
-    """One call of a batch record, in serving.quota.spool.CALL_FIELDS order."""
-    return (
-        usage.tenant,
-        usage.key_id,
-        usage.robot_id,
-        usage.embodiment,
-        usage.request_id,
-        usage.admitted_at,
-        status,
-        batch_size,
-        queue_ms,
-    )
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Usage:
     """What is known about an admitted call when it is admitted; ``metered`` once its record is written.
 
@@ -315,12 +304,11 @@ class Usage:
     """
 
     tenant: str
-    key_id: str
-    robot_id: str
     model: str
-    embodiment: str
-    request_id: str
-    admitted_at: float
+    # The call's record up to what only its outcome tells, in serving.quota.spool.CALL_FIELDS
+    # order: (tenant, key id, robot id, embodiment, request id, admitted_at). The outcome
+    # adds status, batch size and queue ms.
+    admitted: tuple[str, str, str, str, str, float]
     metered: bool = False
 
 
