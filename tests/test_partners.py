@@ -174,6 +174,13 @@ def test_the_fast_path_takes_a_token_only_for_a_verified_key_and_a_planned_model
             ]:
                 assert gate.admit_known(refused_metadata, model) is None
             assert quota._slices["acme"].tokens == held - 1
+            # What the fast path remembers per key goes with every reload: a revoked key
+            # is refused at once, without a token taken.
+            with open_store(ledger_url) as store:
+                store.revoke_key(key.split("_")[1])
+            await gate.keys.refresh()
+            assert gate.admit_known(metadata, "echo") is None
+            assert quota._slices["acme"].tokens == held - 1
         finally:
             await gate.close()
 

@@ -367,23 +367,44 @@ class ReplicaQuota:
 
     # -- hot path -------------------------------------------------------------
 
+    def slice_of(self, tenant: str) -> _Slice:
+        """The tenant's slice (the same object for the replica's life), for ``take``."""
+        return self._slice(tenant)
+
     def try_take(self, tenant: str) -> bool:
         """The synchronous fast path: a token from the slice, if it has an unexpired one.
 
         False takes nothing; ``admit`` then sorts out why.
         """
         s = self._slices.get(tenant)
-        if s is None or not self._take(s):
+        return s is not None and self.take(s)
+
+    def take(self, s: _Slice, *, counted: bool = False) -> bool:
+        """``try_take`` on a slice already at hand (``slice_of``): one call on the request loop.
+
+        A token taken counts the attempt (the demand the next exchange reports),
+        unless the caller ``counted`` it already.
+        """
+        if s.tokens <= 0:
             return False
-        s.attempts += 1
+        if self._clock() >= s.expires:
+            s.returned += s.tokens
+            s.tokens = 0
+            return False
+        s.tokens -= 1
+        s.used += 1
+        if not counted:
+            s.attempts += 1
+        if s.tokens <= s.low_water and self._inflight is None:
+            self._start_exchange()  # prefetch in the background
         return True
 
     async def admit(self, tenant: str) -> None:
         """Take one token for ``tenant``, or raise QuotaDenied / QuotaUnavailable."""
         s = self._slice(tenant)
-        s.attempts += 1
-        if self._take(s):
+        if self.take(s):
             return
+        s.attempts += 1  # counted now, so that the exchange it waits for sees the demand
         now = self._clock()
         if now < s.deny_until:
             raise QuotaDenied(tenant, s.deny_limit, s.deny_until - now)
@@ -394,7 +415,7 @@ class ReplicaQuota:
             for _ in range(2):  # an exchange already in flight may not have asked for us
                 mark = self.exchanges
                 await self._sync()
-                if self._take(s):
+                if self.take(s, counted=True):
                     return
                 if s.deny_mark > mark:
                     break
@@ -407,19 +428,6 @@ class ReplicaQuota:
             raise QuotaUnavailable(f"quota coordinator unreachable; no tokens held for tenant {tenant!r}")
         # The coordinator granted less than this moment's demand; others took the rest.
         raise QuotaDenied(tenant, s.short_limit or RATE, s.short_retry_s or 0.01)
-
-    def _take(self, s: _Slice) -> bool:
-        if s.tokens <= 0:
-            return False
-        if self._clock() >= s.expires:
-            s.returned += s.tokens
-            s.tokens = 0
-            return False
-        s.tokens -= 1
-        s.used += 1
-        if s.tokens <= s.low_water and self._inflight is None:
-            self._start_exchange()  # prefetch in the background
-        return True
 
     def charge(self, tenant: str, accel_ms: float) -> None:
         """Accelerator time a finished call used (reported at the next exchange)."""
