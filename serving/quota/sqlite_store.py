@@ -26,8 +26,8 @@ BUSY_TIMEOUT_MS = 30_000
 # Rows per INSERT statement: 13 columns x 64 rows stays far under SQLite's limit of
 # 32766 bound variables. A flush is cut into statements of 64, 32, ... 1 rows, so
 # only seven distinct statements exist and sqlite3 keeps each prepared in its cache:
-# parsing a fresh many-row statement every flush cost about a third of the insert.
-_ROWS_PER_INSERT = 128
+# parsing a fresh many-row statement every flush cost up to a third of the insert.
+_ROWS_PER_INSERT = 64
 
 
 class SqliteLedgerStore(SqlLedgerStore):
