@@ -137,6 +137,55 @@ def test_the_key_cache_is_keyed_by_the_header_as_sent_and_emptied_by_a_reload(le
     asyncio.run(scenario())
 
 
+def test_stopping_the_key_cache_during_a_reload_closes_its_store_after_the_reload(ledger_url):
+    """No ledger connection is left open, and none is closed under a reload still reading it."""
+    import asyncio
+    import threading
+
+    add_tenant(ledger_url, "acme", Plan())
+    hold, reading, release = threading.Event(), threading.Event(), threading.Event()
+    stores = []
+
+    class HeldStore:
+        """The real store; with ``hold`` set, the next reload waits inside it for ``release``."""
+
+        def __init__(self, url):
+            self.inner = open_store(url)
+            self.closed = False
+            stores.append(self)
+
+        def list_keys(self):
+            if hold.is_set():
+                hold.clear()
+                reading.set()
+                release.wait(10)
+            return self.inner.list_keys()
+
+        def list_tenants(self):
+            assert not self.closed, "store closed under a reload"
+            return self.inner.list_tenants()
+
+        def close(self):
+            self.closed = True
+            self.inner.close()
+
+    cache = KeyCache(ledger_url, refresh_s=60, store_factory=HeldStore)
+
+    async def scenario():
+        await cache.start()
+        hold.set()
+        reload = asyncio.ensure_future(cache.refresh())
+        await asyncio.to_thread(reading.wait, 10)  # the reload is inside the store now
+        cache.stop()
+        assert not stores[0].closed
+        release.set()
+        await reload  # raises if the store was closed under it
+        await asyncio.sleep(0)  # the reload task's done callbacks run
+        assert [store.closed for store in stores] == [True]
+
+    asyncio.run(scenario())
+
+
 def test_the_fast_path_takes_a_token_only_for_a_verified_key_and_a_planned_model(ledger_url, tmp_path):
     """admit_known admits in one step or takes nothing, leaving the slow path to say why."""
     import asyncio

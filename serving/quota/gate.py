@@ -125,8 +125,10 @@ class KeyCache:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        if self._refreshing is None:  # a reload in flight closes nothing under its own feet
+        if self._refreshing is None:
             self._close_store()
+        else:  # a reload in flight still reads the store: close it once that reload ends
+            self._refreshing.add_done_callback(lambda _: self._close_store())
 
     def cached(self, header: str | bytes | None) -> Caller | None:
         """The caller for an authorization value already verified against the current snapshot."""
