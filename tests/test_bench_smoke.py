@@ -247,3 +247,38 @@ def test_gatecost_prints_each_gate_step_warm_and_with_caches_evicted(capsys) -> 
     assert set(results) == {"batch 2, warm", "batch 2, 1 MB evicted"}
     for steps in results.values():
         assert set(steps) == set(gatecost.STEPS) and all(us > 0 for us in steps.values())
+
+
+def test_cpu_lists_read_as_taskset_writes_them() -> None:
+    from serving.bench.systems import parse_cpus
+
+    assert parse_cpus("1") == {1}
+    assert parse_cpus("0,2-3") == {0, 2, 3}
+    for bad in ("", ",", "a", "1-x"):
+        with pytest.raises(ValueError):
+            parse_cpus(bad)
+
+
+def test_a_pinned_system_runs_all_its_processes_on_its_cpus(tmp_path) -> None:
+    """--cpus SERVER:CLIENT reaches the system as CPUS_ENV; the system pins itself before it starts anything."""
+    from serving.bench.systems import CPUS_ENV, RunningSystem
+
+    cpu = max(os.sched_getaffinity(0))
+    with RunningSystem("grpc_limit", "W1", tmp_path, extra_env={CPUS_ENV: str(cpu)}) as running:
+        pids = running.server_pids()
+        assert pids
+        assert all(os.sched_getaffinity(pid) == {cpu} for pid in pids)
+
+
+def test_bench_cpus_pins_the_load_generator_and_reports_the_split() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    spec = f"{cpus[-1]}:{cpus[0]}"
+    cmd = [sys.executable, "-m", "serving.cli", "bench", "--systems", "superbrain_no_ray,grpc_limit", "--interleave"]
+    cmd += ["--rounds", "1", "--phase-s", "0.5", "--concurrency", "2", "--settle-s", "0", "--cpus", spec, "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["cpus"] == {"server": [cpus[-1]], "client": [cpus[0]]}
+    assert all(summary["systems"][name]["errors"] == 0 for name in ("superbrain_no_ray", "grpc_limit"))
+    refused = subprocess.run([*cmd[:-3], "--cpus", "0", "--json"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "SERVER:CLIENT" in refused.stderr

@@ -25,7 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serving.bench.systems import ALL_SYSTEMS, DESCRIPTIONS, RAW_MODEL, RunningSystem, run_raw_model
+from serving.bench.systems import (
+    ALL_SYSTEMS,
+    CPUS_ENV,
+    DESCRIPTIONS,
+    RAW_MODEL,
+    RunningSystem,
+    parse_cpus,
+    run_raw_model,
+)
 from serving.client._common import API_KEY_ENV
 
 _MODEL_WORKLOAD_SYSTEMS = (
@@ -124,6 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--interleave: start every system afresh this many times, --rounds rounds each, and pool the "
         "rounds; two identical instances of one system differ by a few %% on a VM, so one instance per "
         "system cannot resolve a few %% (docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--cpus",
+        metavar="SERVER:CLIENT",
+        help="pin every system (with all the processes it starts) to the SERVER CPUs and the load generator to "
+        "the CLIENT CPUs, as taskset lists them, e.g. 1:0 or 8-15:0-7 (Linux). Default: all share every core, "
+        "as W1 is specified; pinned, the load generator no longer takes CPU time from the systems",
     )
     parser.add_argument(
         "--raw-repeats", type=int, default=5, help="in-process timings (raw model, --device): best of this many repeats"
@@ -633,6 +648,26 @@ def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+def _pin(spec: str | None, server_env: dict[str, str]) -> dict[str, list[int]] | None:
+    """Apply ``--cpus SERVER:CLIENT``: the systems pin themselves (through ``server_env``) and this
+    process pins itself, so the load generators it starts inherit the CLIENT CPUs."""
+    if not spec:
+        return None
+    server_text, sep, client_text = spec.partition(":")
+    try:
+        if not sep:
+            raise ValueError("expected SERVER:CLIENT")
+        server, client = parse_cpus(server_text), parse_cpus(client_text)
+    except ValueError as exc:
+        raise SystemExit(f"--cpus {spec!r}: {exc}") from None
+    available = os.sched_getaffinity(0)
+    if not (server | client) <= available:
+        raise SystemExit(f"--cpus {spec!r}: this process may only use CPUs {sorted(available)}")
+    server_env[CPUS_ENV] = ",".join(map(str, sorted(server)))
+    os.sched_setaffinity(0, client)
+    return {"server": sorted(server), "client": sorted(client)}
+
+
 def main(args: argparse.Namespace) -> int:
     if getattr(args, "device", None):
         from serving.bench.device import main as device_main  # in-process: no systems, no harness
@@ -647,6 +682,7 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="superbrain-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     server_env = dict(item.split("=", 1) for item in args.server_env if "=" in item)
+    cpus = _pin(getattr(args, "cpus", None), server_env)
     load_start = _loadavg()
     started = time.monotonic()
     n_rounds = 1 if args.smoke else max(1, args.rounds)
@@ -699,6 +735,7 @@ def main(args: argparse.Namespace) -> int:
         "alternate": bool(args.alternate and not args.smoke),
         "interleave": {"phase_s": args.phase_s, "instances": len(instances)} if interleave else None,
         "server_env": server_env,
+        "cpus": cpus,
         "systems": results,
         **ratios,
         "ratios": ratios,

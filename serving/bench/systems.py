@@ -116,6 +116,22 @@ DESCRIPTIONS = {
 
 READY_PREFIX = "READY "
 STATE_PARENT_ENV = "SUPERBRAIN_BENCH_STATE_PARENT"
+# CPUs a system's process runs on, and with it every process it starts (Ray's
+# included: affinity is inherited). Unset: all of this machine's.
+CPUS_ENV = "SUPERBRAIN_BENCH_CPUS"
+
+
+def parse_cpus(text: str) -> set[int]:
+    """A CPU list as taskset writes it ("0", "1,3", "8-15") as a set; ValueError if it names none."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    if not cpus:
+        raise ValueError(f"no CPUs in {text!r}")
+    return cpus
+
+
 START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 120.0
@@ -249,6 +265,9 @@ def _ready(target: str, metadata: tuple[tuple[str, str], ...], **info: Any) -> N
 
 def serve_system(system: str, workload: str, policy: str | None) -> int:
     from serving.bench.workloads import build
+
+    if os.environ.get(CPUS_ENV):  # before Ray starts, so that all of its processes inherit it
+        os.sched_setaffinity(0, parse_cpus(os.environ[CPUS_ENV]))
 
     wl = build(workload)
     policy = policy or wl.policy
