@@ -678,11 +678,11 @@ def main(args: argparse.Namespace) -> int:
     workload = args.workload.upper()
     systems, levels, calls, warmup = _plan(args)
     wl = build(workload)
+    server_env = dict(item.split("=", 1) for item in args.server_env if "=" in item)
+    cpus = _pin(getattr(args, "cpus", None), server_env)  # before anything is made that a refusal would leave
     own_workdir = not args.workdir
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="superbrain-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    server_env = dict(item.split("=", 1) for item in args.server_env if "=" in item)
-    cpus = _pin(getattr(args, "cpus", None), server_env)
     load_start = _loadavg()
     started = time.monotonic()
     n_rounds = 1 if args.smoke else max(1, args.rounds)
