@@ -191,12 +191,18 @@ def test_thread_cpu_divides_each_threads_cpu_by_the_calls_of_its_systems_turns()
     assert (("me", os.getpid(), os.getpid())) in mine and all(label.count(" / ") >= 1 for _, label in mine.values())
 
 
-def test_bench_refuses_interleave_with_alternate() -> None:
+def test_bench_refuses_interleave_with_alternate(tmp_path) -> None:
+    """Conflicting options are refused before the run makes anything (its temporary directory included)."""
     cmd = [sys.executable, "-m", "serving.cli", "bench", "--systems", "superbrain_no_ray,grpc_limit"]
-    proc = subprocess.run([*cmd, "--interleave", "--alternate"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "pick one" in proc.stderr
-    proc = subprocess.run([*cmd, "--instances", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "apply to --interleave only" in proc.stderr
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    for extra, reason in [
+        (["--interleave", "--alternate"], "pick one"),
+        (["--instances", "2"], "apply to --interleave only"),
+        (["--interleave", "--cpus", "0"], "SERVER:CLIENT"),
+    ]:
+        proc = subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and reason in proc.stderr, (extra, proc.stderr[-2000:])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_instance_that_fails_to_start_is_started_once_more(monkeypatch, tmp_path) -> None:

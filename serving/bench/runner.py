@@ -678,24 +678,27 @@ def main(args: argparse.Namespace) -> int:
     workload = args.workload.upper()
     systems, levels, calls, warmup = _plan(args)
     wl = build(workload)
+    n_rounds = 1 if args.smoke else max(1, args.rounds)
+    interleave = bool(getattr(args, "interleave", False) and not args.smoke)
+    alternate = bool(args.alternate and not args.smoke)
+    # Every refusal comes before anything is made that it would leave behind.
+    if interleave and args.alternate:
+        raise SystemExit("--interleave and --alternate are two ways to pair systems; pick one")
+    if (getattr(args, "instances", 1) > 1 or getattr(args, "thread_cpu", False)) and not interleave:
+        raise SystemExit("--instances and --thread-cpu apply to --interleave only")
+    if (interleave or alternate) and RAW_MODEL in systems:
+        mode = "--interleave" if interleave else "--alternate"
+        raise SystemExit(f"{mode} drives running servers; leave {RAW_MODEL} out")
     server_env = dict(item.split("=", 1) for item in args.server_env if "=" in item)
-    cpus = _pin(getattr(args, "cpus", None), server_env)  # before anything is made that a refusal would leave
+    cpus = _pin(getattr(args, "cpus", None), server_env)
     own_workdir = not args.workdir
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="superbrain-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     load_start = _loadavg()
     started = time.monotonic()
-    n_rounds = 1 if args.smoke else max(1, args.rounds)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
-    interleave = bool(getattr(args, "interleave", False) and not args.smoke)
-    if interleave and args.alternate:
-        raise SystemExit("--interleave and --alternate are two ways to pair systems; pick one")
-    if (getattr(args, "instances", 1) > 1 or getattr(args, "thread_cpu", False)) and not interleave:
-        raise SystemExit("--instances and --thread-cpu apply to --interleave only")
     instances: list[dict[str, dict[str, Any]]] = []
     if interleave:
-        if RAW_MODEL in systems:
-            raise SystemExit(f"--interleave drives running servers; leave {RAW_MODEL} out")
         levels = [max(levels)]
         n_instances = max(1, getattr(args, "instances", 1))
         for i in range(n_instances):
@@ -707,9 +710,7 @@ def main(args: argparse.Namespace) -> int:
             where = workdir / f"instance-{i + 1}" if n_instances > 1 else workdir
             instances.append(_interleaved_instance(order, workload, levels[0], where, server_env, args, n_rounds))
         results = _pool_instances(systems, instances)
-    elif args.alternate and not args.smoke:
-        if RAW_MODEL in systems:
-            raise SystemExit(f"--alternate drives running servers; leave {RAW_MODEL} out")
+    elif alternate:
         rounds = _run_alternating(systems, workload, levels, calls, warmup, workdir, server_env, args, n_rounds)
     else:
         for r in range(n_rounds):
@@ -732,7 +733,7 @@ def main(args: argparse.Namespace) -> int:
         "calls_per_robot": calls,
         "warmup_calls_per_robot": warmup,
         "rounds": n_rounds,
-        "alternate": bool(args.alternate and not args.smoke),
+        "alternate": alternate,
         "interleave": {"phase_s": args.phase_s, "instances": len(instances)} if interleave else None,
         "server_env": server_env,
         "cpus": cpus,
