@@ -119,6 +119,9 @@ STATE_PARENT_ENV = "SUPERBRAIN_BENCH_STATE_PARENT"
 # CPUs a system's process runs on, and with it every process it starts (Ray's
 # included: affinity is inherited). Unset: all of this machine's.
 CPUS_ENV = "SUPERBRAIN_BENCH_CPUS"
+START_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 60.0
+PROBE_TIMEOUT_S = 120.0
 
 
 def parse_cpus(text: str) -> set[int]:
@@ -130,11 +133,6 @@ def parse_cpus(text: str) -> set[int]:
     if not cpus:
         raise ValueError(f"no CPUs in {text!r}")
     return cpus
-
-
-START_TIMEOUT_S = 240.0
-STOP_TIMEOUT_S = 60.0
-PROBE_TIMEOUT_S = 120.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
