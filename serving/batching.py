@@ -208,7 +208,7 @@ class BatchAssembler:
                 rows = xp.asarray(np.array([m[0] for m in part], dtype=np.int64))
                 slots = xp.asarray(np.array([m[1] for m in part], dtype=np.int64))
                 # One host->device copy of the group, as uint8; a fused kernel where the backend has one.
-                stacked = np.stack([m[2] for m in part])
+                stacked = xp.stack_frames([m[2] for m in part])
                 images[rows, slots] = resize_normalize(stacked, size, size, dims.image_mean, dims.image_std, xp)
         return images, camera_mask
 

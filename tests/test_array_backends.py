@@ -155,6 +155,31 @@ def test_seam_operations_agree(rng) -> None:
         assert xp.to_host(xp.zeros((2, 3), "bool")).dtype == np.bool_
 
 
+def _read_only_frames(rng: np.random.Generator, n: int, h: int, w: int) -> list[np.ndarray]:
+    """Frames as a replica holds them: read-only views of request bytes, each its own buffer."""
+    return [np.frombuffer(f.tobytes(), np.uint8).reshape(h, w, 3) for f in _frames(rng, n, h, w)]
+
+
+def _check_stack_frames(xp, rng: np.random.Generator) -> None:
+    """``stack_frames`` is ``np.stack`` onto the backend's device, and refuses frames that do not stack."""
+    for n, h, w in ((1, 1, 1), (3, 5, 7), (8, 224, 224), (2, 480, 640)):  # below and above the staging size
+        frames = _read_only_frames(rng, n, h, w)
+        got = xp.stack_frames(frames)
+        assert tuple(got.shape) == (n, h, w, 3)
+        np.testing.assert_array_equal(xp.to_host(got), np.stack(frames))
+    with pytest.raises(ValueError, match="frame 1 is uint8 \\(4, 5, 3\\)"):
+        xp.stack_frames([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5, 3), np.uint8)])
+    with pytest.raises(ValueError, match="frame 1 is float32"):
+        xp.stack_frames([np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.float32)])
+    with pytest.raises(ValueError, match="no frames"):
+        xp.stack_frames([])
+
+
+def test_stack_frames_is_np_stack_on_every_cpu_backend(rng) -> None:
+    for xp in (NP, TORCH):
+        _check_stack_frames(xp, rng)
+
+
 def test_to_torch_is_zero_copy(rng) -> None:
     x = rng.normal(size=(4, 3)).astype(np.float32)
     t = to_torch(x)
@@ -302,3 +327,27 @@ def test_cupy_hand_off_to_torch_is_zero_copy(cupy_xp, rng) -> None:
     back = cupy_xp.asarray(tensor)  # torch -> cupy through DLPack, no copy either
     assert back.data.ptr == tensor.data_ptr()
     assert backend_for(on_device).name == "cupy"
+
+
+@needs_cupy
+@pytest.mark.gpu
+def test_cupy_stack_frames_gathers_into_staging_without_overwriting_earlier_uploads(cupy_xp, rng) -> None:
+    _check_stack_frames(cupy_xp, rng)
+    # More uploads than staging slots, all kept alive and checked only at the end: a slot
+    # refilled before its copy had finished would show up as another batch's pixels.
+    batches = [_read_only_frames(rng, 16, 224, 224) for _ in range(5)]
+    on_device = [cupy_xp.stack_frames(frames) for frames in batches]
+    for frames, got in zip(batches, on_device, strict=True):
+        np.testing.assert_array_equal(cupy_xp.to_host(got), np.stack(frames))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to torch")
+def test_torch_cuda_stack_frames_uploads_through_pinned_memory(rng) -> None:
+    xp = get_backend("torch", "cuda")
+    _check_stack_frames(xp, rng)
+    batches = [_read_only_frames(rng, 16, 224, 224) for _ in range(5)]
+    on_device = [xp.stack_frames(frames) for frames in batches]  # pinned buffers freed while copies run
+    for frames, got in zip(batches, on_device, strict=True):
+        assert got.device.type == "cuda"
+        np.testing.assert_array_equal(xp.to_host(got), np.stack(frames))

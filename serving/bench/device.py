@@ -189,7 +189,7 @@ def bench_preprocess(opts: Options, policy: Any) -> dict[str, Any]:
         def kernel(frames: list[np.ndarray], xp: Any = xp, chunk: int | None = chunk) -> None:
             step = chunk or len(frames)
             for start in range(0, len(frames), step):
-                stacked = np.stack(frames[start : start + step])
+                stacked = xp.stack_frames(frames[start : start + step])
                 resize_normalize(stacked, dims.image_size, dims.image_size, dims.image_mean, dims.image_std, xp)
 
         for b in opts.preprocess_batches:
