@@ -215,6 +215,22 @@ def test_cupy_backend_through_vla_policy_matches_numpy_on_cpu(policies, rng, spe
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to torch")
+@needs_cupy
+def test_cupy_runs_each_stage_on_that_stages_torch_stream() -> None:
+    import cupy
+
+    stages = stage_streams("cuda", get_backend("cupy", "cuda"))
+    seen = set()
+    for stage in (stages.preprocess, stages.forward):
+        with stage():
+            torch_stream = torch.cuda.current_stream().cuda_stream
+            assert cupy.cuda.get_current_stream().ptr == torch_stream  # one stream, seen from both
+            seen.add(torch_stream)
+    assert len(seen) == 2 and torch.cuda.default_stream().cuda_stream not in seen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to torch")
 def test_pipelined_engine_on_cuda_gives_the_sequential_results() -> None:
     import asyncio
     import time

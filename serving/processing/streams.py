@@ -78,8 +78,8 @@ class CudaStages(HostStages):
             # The same CUDA streams seen from CuPy: its kernels, copies and DLPack exports then
             # order with torch's work on each stage's stream without any extra synchronisation.
             self._cupy_index = index
-            self._cupy_pre = cupy.cuda.ExternalStream(self._pre.cuda_stream, index)
-            self._cupy_fwd = cupy.cuda.ExternalStream(self._fwd.cuda_stream, index)
+            self._cupy_pre = _as_cupy_stream(cupy, self._pre, index)
+            self._cupy_fwd = _as_cupy_stream(cupy, self._fwd, index)
 
     def _enter(self, stack: contextlib.ExitStack, torch_stream: Any, cupy_stream: Any) -> None:
         stack.enter_context(self._torch.cuda.stream(torch_stream))  # switches torch's device too
@@ -115,6 +115,19 @@ class CudaStages(HostStages):
 
     def synchronize(self) -> None:
         self._torch.cuda.synchronize(self.device)
+
+
+def _as_cupy_stream(cupy: Any, stream: Any, index: int) -> Any:
+    """A torch CUDA stream as a CuPy stream object (the same stream, not a new one).
+
+    CuPy 14 deprecates ``ExternalStream`` for ``Stream.from_external``, which reads
+    the stream through the ``__cuda_stream__`` protocol that torch's streams speak;
+    CuPy 13 has only ``ExternalStream``.
+    """
+    from_external = getattr(getattr(cupy.cuda, "Stream", None), "from_external", None)
+    if from_external is not None and hasattr(stream, "__cuda_stream__"):
+        return from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, index)
 
 
 def stage_streams(device: str, xp: ArrayBackend) -> HostStages:
