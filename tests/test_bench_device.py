@@ -6,6 +6,7 @@ their consistency and the ratio arithmetic are checked.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -57,6 +58,7 @@ def test_w2_device_bench_on_cpu_prints_a_table_and_one_json_object(capsys) -> No
         r = sat["modes"][mode]
         assert r["errors"] == 0 and r["obs_per_s"] > 0 and r["batches"] > 0
         assert 0.0 < r["busy_fraction"] <= 1.05  # forward-stage seconds over wall seconds
+        assert r["device_utilization"] is None  # NVML's view: only with --device cuda
         assert r["mean_batch"] <= 2
 
     ratios = result["ratios"]
@@ -131,3 +133,19 @@ def test_ratios_and_gpu_targets() -> None:
     cpu = bench_device.compute_ratios(_result(1000.0, None, 0.9, "cpu"))
     assert cpu["busy_fraction"] == 0.5  # sequential is the CPU's default
     assert all(t["met"] is None for t in bench_device.evaluate_targets("cpu", cpu).values())
+
+
+def test_device_utilization_reads_the_benchmarked_gpu_from_nvml() -> None:
+    from serving.accel_metrics import NvidiaBackend
+    from serving.bench.device import DeviceUtilization
+    from tests.test_accel_metrics import fake_pynvml, nv_device
+
+    two = fake_pynvml([nv_device(uuid="GPU-aaaa", util=37), nv_device(uuid="GPU-bbbb", util=80)])
+    utilization = DeviceUtilization.matching(NvidiaBackend(two), "bbbb")  # torch's UUID has no "GPU-"
+    assert utilization is not None
+    readings = asyncio.run(utilization.sample(0.6))
+    assert len(readings) >= 2 and set(readings) == {0.8}
+    assert DeviceUtilization.matching(NvidiaBackend(two), "cccc") is None  # two GPUs, neither is torch's
+    one = fake_pynvml([nv_device(uuid="GPU-aaaa", util=37)])
+    only = DeviceUtilization.matching(NvidiaBackend(one), "")
+    assert only is not None and set(asyncio.run(only.sample(0.3))) == {0.37}

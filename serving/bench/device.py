@@ -47,6 +47,8 @@ GPU_TARGETS = (("cupy_vs_numpy_kernel_at_64", ">=", 10.0), ("busy_fraction", ">=
 MIN_REPEAT_S = 0.2
 #: Callers per max_batch_size at saturation: one batch in each stage plus one full batch queued.
 ROBOTS_PER_BATCH = 3
+#: Seconds between NVML utilisation readings at saturation (NVML averages over its own 1/6-1 s period).
+UTILIZATION_SAMPLE_S = 0.25
 
 
 class DeviceUnavailable(RuntimeError):
@@ -279,11 +281,16 @@ async def _saturate(policy: Any, pipeline: bool, opts: Options) -> dict[str, Any
             errors[0] += outcome.error is not None
 
     tasks = [asyncio.ensure_future(robot(i)) for i in range(robots)]
+    utilization = DeviceUtilization.for_device(opts.device)
     try:
         await asyncio.sleep(opts.warmup_s)
         t0, busy0, calls0 = time.monotonic(), engine.busy_seconds, done[0]
         batches0, requests0 = engine.batches, engine.requests
-        await asyncio.sleep(opts.saturation_s)
+        if utilization is None:
+            readings = None
+            await asyncio.sleep(opts.saturation_s)
+        else:
+            readings = await utilization.sample(opts.saturation_s)
         wall = time.monotonic() - t0
         busy, calls = engine.busy_seconds - busy0, done[0] - calls0
         batches, requests = engine.batches - batches0, engine.requests - requests0
@@ -295,12 +302,58 @@ async def _saturate(policy: Any, pipeline: bool, opts: Options) -> dict[str, Any
     return {
         "pipeline": pipeline,
         "busy_fraction": round(busy / wall, 3),
+        "device_utilization": round(sum(readings) / len(readings), 3) if readings else None,
         "obs_per_s": round(calls / wall, 1),
         "mean_batch": round(requests / batches, 1) if batches else 0.0,
         "batches": batches,
         "wall_s": round(wall, 2),
         "errors": errors[0],
     }
+
+
+class DeviceUtilization:
+    """NVML's utilisation of the benchmarked GPU: the share of time one or more kernels ran.
+
+    The busy fraction counts the forward *stage*'s seconds, which include the host
+    launching kernels and waiting for the copy back; this is the device's own view
+    of the same window, the cross-check docs/accelerators.md promises.
+    """
+
+    def __init__(self, backend: Any, index: int):
+        self._backend = backend
+        self._index = index
+
+    @classmethod
+    def for_device(cls, device: str) -> DeviceUtilization | None:
+        """For the GPU that torch calls ``cuda`` here, or None (not CUDA, no NVML, no matching device)."""
+        if device != "cuda":
+            return None
+        import torch
+
+        from serving.accel_metrics import NvidiaBackend
+
+        return cls.matching(NvidiaBackend(), str(getattr(torch.cuda.get_device_properties(0), "uuid", "")))
+
+    @classmethod
+    def matching(cls, backend: Any, uuid: str) -> DeviceUtilization | None:
+        """NVML numbers devices its own way: pick torch's by UUID, or the only one; None when unsure."""
+        devices = backend.scrape().devices
+        for reading in devices:
+            if uuid and reading.uuid.removeprefix("GPU-") == uuid:
+                return cls(backend, reading.index)
+        return cls(backend, devices[0].index) if len(devices) == 1 else None
+
+    async def sample(self, seconds: float) -> list[float]:
+        """Readings every UTILIZATION_SAMPLE_S for ``seconds`` (NVML is read off the event loop)."""
+        end = time.monotonic() + seconds
+        readings = []
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(UTILIZATION_SAMPLE_S, left))
+            scrape = await asyncio.to_thread(self._backend.scrape)
+            for reading in scrape.devices:
+                if reading.index == self._index and reading.utilization_ratio is not None:
+                    readings.append(reading.utilization_ratio)
+        return readings
 
 
 def bench_saturation(opts: Options, policy: Any) -> dict[str, Any]:
@@ -398,10 +451,18 @@ def format_report(result: dict[str, Any]) -> str:
         f"saturation: engine + CapacityBatcher, {sat['robots']} closed-loop callers, max batch {sat['max_batch_size']} "
         f"(default here: {sat['default_mode']})",
     ]
-    mode_rows = [("mode", "busy fraction", "obs/s", "mean batch", "errors")]
+    mode_rows = [("mode", "busy fraction", "NVML utilization", "obs/s", "mean batch", "errors")]
     for name, r in sat["modes"].items():
+        util = r.get("device_utilization")
         mode_rows.append(
-            (name, f"{r['busy_fraction']:.3f}", f"{r['obs_per_s']:.0f}", f"{r['mean_batch']:.1f}", str(r["errors"]))
+            (
+                name,
+                f"{r['busy_fraction']:.3f}",
+                "n/a" if util is None else f"{util:.3f}",
+                f"{r['obs_per_s']:.0f}",
+                f"{r['mean_batch']:.1f}",
+                str(r["errors"]),
+            )
         )
     out += _table(mode_rows)
     out.append("")
