@@ -173,7 +173,7 @@ class CupyBackend(ArrayBackend):
         """The frames gathered straight into a pinned staging buffer, then one DMA (no ``np.stack`` copy)."""
         shape, dtype = frames_layout(frames)
         if int(np.prod(shape)) * dtype.itemsize < STAGING_MIN_BYTES:
-            return super().stack_frames(frames)
+            return self.asarray(np.stack(frames))  # already checked: no need for the base class's check
         self._use_device()
         with self._staging_lock:
             return self._upload_locked(shape, dtype, lambda staged: np.stack(frames, out=staged))
