@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import time
@@ -170,3 +171,32 @@ def test_batch_records_expand_to_full_rows_after_a_flush_and_after_a_crash(url, 
     )  # fmt: skip
     assert (rows["req-4"].status, rows["req-4"].accel_ms, rows["req-4"].batch_size) == ("DEADLINE_EXCEEDED", 0.0, 0)
     assert [rows[f"req-{i}"].accel_ms for i in (6, 7, 8)] == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "RUSAGE_THREAD"), reason="needs per-thread faults (Linux)")
+def test_appends_do_not_fault_once_the_flusher_prefaulted_the_segment(tmp_path):
+    """The request loop's copies into the spool must not take page faults (each ~30 us, or ms)."""
+    import resource
+
+    batch = [("acme", "k", f"robot-{i}", "arm", f"req-{i:08d}", time.time(), "OK", 6, 1.0) for i in range(6)]
+
+    def faults_while_appending(spool: UsageSpool) -> tuple[int, int]:
+        """Faults taken and pages written by 2,000 appends (a W1 batch each)."""
+        spool.append_batch("m", 2.0, time.time(), batch)  # allocations of a first append, not measured
+        before, start = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt, spool._segment.pos
+        for _ in range(2000):
+            spool.append_batch("m", 2.0, time.time(), batch)
+            spool._pending.clear()  # as if flushed: only the segment's pages are new memory
+        pages = (spool._segment.pos - start) // mmap.PAGESIZE
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before, pages
+
+    cold = UsageSpool(tmp_path / "cold", "sqlite:///unused.db")
+    warm = UsageSpool(tmp_path / "warm", "sqlite:///unused.db")
+    warm.prefault()  # what start() and every flusher tick do
+    # Without it every new page faults; with it, none does (a few for the allocator's own pages).
+    faults, pages = faults_while_appending(cold)
+    assert pages >= 100 and faults >= 0.9 * pages
+    faults, pages = faults_while_appending(warm)
+    assert pages >= 100 and faults <= 10
+    assert warm._segment.prefaulted >= warm._segment.pos
+    crash(cold), crash(warm)  # unmapped, unlocked; never flushed: there is no ledger here

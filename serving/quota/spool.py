@@ -45,6 +45,12 @@ SUFFIX = ".usage.spool"
 
 _LEN = 4  # little-endian length prefix of each record; a zero length ends a segment
 
+# The flusher faults this much of the live segment in, writable, ahead of the request
+# loop's writes. Untouched, a page of a shared file mapping faults on its first write:
+# about 30 us, now and then milliseconds on ext4, every ~9 W1 batches, on the loop.
+PREFAULT_BYTES = 1 << 20
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; the constant is Python 3.13's
+
 # A batch record: (BATCH, replica token, first sequence number, model, batch compute ms,
 # finished_at, calls), each call a tuple in CALL_FIELDS order. What a batch's calls
 # share is written once; call i's id is ``record_id(token, first + i)``.
@@ -128,6 +134,7 @@ class _Segment:
     rows_before: int  # records appended to earlier segments
     rows: int = 0
     pos: int = 0
+    prefaulted: int = 0  # bytes from the start already faulted in (see UsageSpool.prefault)
 
     def close(self, unlink: bool) -> None:
         self.mm.close()
@@ -228,7 +235,27 @@ class UsageSpool:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def prefault(self) -> None:
+        """Fault the next ``PREFAULT_BYTES`` of the live segment in, writable, so that
+        the request loop's copies into it do not fault (the flusher calls this).
+
+        ``MADV_POPULATE_WRITE`` only maps the pages; it changes no byte, so it needs
+        no lock against a concurrent append. Where the kernel lacks it, the loop
+        faults its pages in itself, as it would without this.
+        """
+        seg = self._segment
+        start = max(seg.prefaulted, seg.pos - seg.pos % mmap.PAGESIZE)
+        end = min(len(seg.mm), seg.pos + PREFAULT_BYTES)
+        if end <= start:
+            return
+        try:
+            seg.mm.madvise(_MADV_POPULATE_WRITE, start, end - start)
+        except (OSError, ValueError):  # an older kernel, or the segment was just sealed and closed
+            return
+        seg.prefaulted = end
+
     def start(self) -> None:
+        self.prefault()
         self._thread = threading.Thread(target=self._run, name="usage-flusher", daemon=True)
         self._thread.start()
 
@@ -262,6 +289,7 @@ class UsageSpool:
         store: LedgerStore | None = None
         last_recovery = 0.0
         while not self._stop.wait(self.flush_interval_s):
+            self.prefault()
             try:
                 if store is None:
                     store = self._store_factory(self.ledger_url)
