@@ -49,7 +49,9 @@ class PolicyReplica:
         self.engine = PolicyEngine(self.policy, pipeline=resolve_pipeline(cfg.pipeline, self.device))
         self.gate = await self._start_gate(cfg) if cfg.auth else None
         # With auth on, every batch is metered in one spool write before its answers leave.
-        self._run_engine = self.gate.metering(self.engine.run_batch) if self.gate else self.engine.run_batch
+        self._run_engine = (
+            self.gate.metering(self.engine.run_batch, self.policy.name) if self.gate else self.engine.run_batch
+        )
         wait_s = cfg.batch_wait_timeout_ms / 1e3
         submit: Submit
         if cfg.batcher == "serve":

@@ -26,7 +26,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import numpy as np
@@ -47,9 +46,12 @@ class Pending:
     received: float = field(default_factory=time.monotonic)
     # Set when the caller has gone (cancelled, or its RPC ended): never compute for it.
     cancelled: bool = False
-    # The partner gate's usage stub for an admitted call (None with auth off); the
-    # gate meters the whole batch from it (serving.quota.gate.AccessGate.metering).
-    usage: Any = None
+    # What the partner gate knows of an admitted call at admission (None with auth off):
+    # the start of its usage record. The gate meters the whole batch from it
+    # (serving.quota.gate.AccessGate.metering) and sets ``metered``, so the ingress,
+    # which meters a call that never got a batch result, writes nothing twice.
+    usage: tuple | None = None
+    metered: bool = False
 
 
 @dataclass

@@ -28,7 +28,7 @@ from serving.api import pb, pb_grpc
 from serving.engine import Outcome, Pending, Submit
 from serving.errors import RequestError, exhausted, not_found
 from serving.policy.base import Policy
-from serving.quota.gate import AccessGate, Caller, Usage
+from serving.quota.gate import AccessGate, Caller
 
 log = logging.getLogger(__name__)
 
@@ -205,17 +205,17 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         caller: Caller | None,
         admitted: bool = False,
     ) -> Outcome:
-        """One observation: admission (unless ``admitted`` already), then ``_run``, metered once."""
+        """One observation: admission (unless ``admitted`` already), then the batcher's answer, metered once."""
         if self.inflight >= self._limits.max_queued_requests:
             m.METRICS.inc(m.OVERLOAD_REJECTIONS, self._model_label)
             raise exhausted(
                 f"server overloaded: {self.inflight} requests queued on this replica; retry with backoff",
                 retry_after_s=OVERLOAD_RETRY_S,
             )
-        obs = request.observation
         if caller is None:
-            return await self._run(request, received, remaining)
+            return await self._wait(self._pending(request, received, remaining))
         assert self._gate is not None
+        obs = request.observation
         if not admitted:
             model = obs.model or self._policy.name
             if not self._gate.try_admit(caller, model):
@@ -224,24 +224,26 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         # Admitted: from here on exactly one usage record, whatever the outcome. The
         # batcher's metering hook writes it with the rest of the batch before any
         # answer leaves; a call that never got a batch result is recorded here.
-        usage = self._gate.usage(caller, obs.robot_id, self._policy.name, obs.embodiment, request.request_id)
+        usage = self._gate.usage(caller, obs.robot_id, obs.embodiment, request.request_id)
+        pending: Pending | None = None
         outcome: Outcome | None = None
         status = "CANCELLED"
         try:
-            outcome = await self._run(request, received, remaining, usage)
+            pending = self._pending(request, received, remaining, usage)
+            outcome = await self._wait(pending)
             status = "OK"
             return outcome
         except RequestError as err:
             status = err.code.name
             raise
         finally:
-            if not usage.metered:
-                self._gate.record(usage, status, outcome)
+            if pending is None or not pending.metered:
+                self._gate.record(usage, self._policy.name, status, outcome, pending)
 
-    async def _run(
-        self, request: pb.ActRequest, received: float, remaining: float | None, usage: Usage | None = None
-    ) -> Outcome:
-        """Validate, then wait for the batcher's answer for this one observation."""
+    def _pending(
+        self, request: pb.ActRequest, received: float, remaining: float | None, usage: tuple | None = None
+    ) -> Pending:
+        """Validate and decode one observation for the batcher."""
         obs = request.observation
         if obs.model and obs.model != self._policy.name:
             raise not_found("observation.model", f"unknown model {obs.model!r}; served: [{self._policy.name!r}]")
@@ -255,7 +257,10 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         m.METRICS.observe(m.PREPROCESS_DURATION, self._model_label, time.monotonic() - started)
         if remaining is None or remaining > 1e9:
             remaining = self._limits.default_timeout_s
-        pending = Pending(observation=decoded, deadline=received + remaining, received=received, usage=usage)
+        return Pending(observation=decoded, deadline=received + remaining, received=received, usage=usage)
+
+    async def _wait(self, pending: Pending) -> Outcome:
+        """The batcher's answer for one observation."""
         self.inflight += 1
         try:
             outcome = await self._submit(pending)

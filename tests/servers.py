@@ -46,7 +46,7 @@ class IngressThread:
 
     async def _run_batch(self, items):
         # As in the replica: with a gate, the batch is metered before its answers leave.
-        run = self.gate.metering(self.engine.run_batch) if self.gate else self.engine.run_batch
+        run = self.gate.metering(self.engine.run_batch, self.policy.name) if self.gate else self.engine.run_batch
         return await run(items)
 
     def __enter__(self) -> IngressThread:

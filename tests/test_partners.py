@@ -389,15 +389,16 @@ def test_a_batch_is_metered_in_one_spool_write_before_its_answers(ledger_url, tm
         obs = PolicyObservation(ARM.name, {"head": np.zeros((8, 8, 3), np.uint8)}, np.ones(3, np.float32))
         items = []
         for i in range(6):
-            usage = gate.usage(caller, f"bot-{i}", "echo", ARM.name, f"req-{i}")
+            usage = gate.usage(caller, f"bot-{i}", ARM.name, f"req-{i}")
             # req-4 is already past its deadline; req-5's caller went away and the ingress recorded it.
             deadline = now - 1 if i == 4 else now + 10
             items.append(Pending(obs, deadline=deadline, received=now, usage=usage, cancelled=i == 5))
-        gate.record(items[5].usage, "CANCELLED", None)
+        gate.record(items[5].usage, "echo", "CANCELLED", None, items[5])
+        gate.record(items[5].usage, "echo", "CANCELLED", None, items[5])  # a second try writes nothing
         writes = gate.spool.writes
-        outcomes = await gate.metering(PolicyEngine(EchoPolicy(), offload=False).run_batch)(items)
+        outcomes = await gate.metering(PolicyEngine(EchoPolicy(), offload=False).run_batch, "echo")(items)
         assert gate.spool.writes == writes + 1
-        assert all(item.usage.metered for item in items)
+        assert all(item.metered for item in items)
         charged = gate.quota._slice("acme").accel_ms
         await gate.close()
         return outcomes, charged

@@ -82,7 +82,7 @@ async def measure(batches: int, batch_size: int, evict_mb: int) -> dict[str, flo
                     admitted = gate.admit_known(metadata, MODEL)
                     t1 = time.perf_counter_ns()
                     obs = request.observation
-                    usage = gate.usage(admitted or caller, obs.robot_id, MODEL, obs.embodiment, request.request_id)
+                    usage = gate.usage(admitted or caller, obs.robot_id, obs.embodiment, request.request_id)
                     t2 = time.perf_counter_ns()
                     if admitted is None:  # the slice ran dry: refill it the slow way, outside the timing
                         await gate.admit(caller)
@@ -92,7 +92,7 @@ async def measure(batches: int, batch_size: int, evict_mb: int) -> dict[str, flo
                 outcomes = [Outcome(actions, queue_ms=1.0, compute_ms=2.0, batch_size=batch_size) for _ in items]
                 np.copyto(dst, src)
                 t0 = time.perf_counter_ns()
-                gate.record_batch(items, outcomes)
+                gate.record_batch(items, outcomes, MODEL)
                 spent["record_batch"] += time.perf_counter_ns() - t0
             calls = batches * batch_size
             return {step: round(ns / calls / 1e3, 2) for step, ns in spent.items()}

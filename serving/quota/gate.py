@@ -23,7 +23,7 @@ from serving.errors import RequestError, permission_denied, quota_exceeded, unau
 from serving.quota import keys
 from serving.quota.leases import QuotaDenied, QuotaUnavailable, ReplicaQuota
 from serving.quota.model import ApiKey, Tenant
-from serving.quota.spool import CALL_FIELDS, UsageSpool, accel_share
+from serving.quota.spool import UsageSpool, accel_share
 from serving.quota.store import LedgerStore, open_store
 
 if TYPE_CHECKING:
@@ -246,25 +246,43 @@ class AccessGate:
     async def close_stream(self, caller: Caller) -> None:
         await self.quota.close_stream(caller.tenant.name)
 
-    def usage(self, caller: Caller, robot_id: str, model: str, embodiment: str, request_id: str) -> Usage:
-        """The usage stub of a call just admitted; exactly one record is written for it."""
-        tenant = caller.tenant.name
-        return Usage(tenant, model, (tenant, caller.key_id, robot_id, embodiment, request_id, time.time()))
+    @staticmethod
+    def usage(caller: Caller, robot_id: str, embodiment: str, request_id: str) -> tuple:
+        """The start of a just-admitted call's usage record (``Pending.usage``), in
+        serving.quota.spool.CALL_FIELDS order: (tenant, key id, robot id, embodiment,
+        request id, admitted_at). Its outcome adds status, batch size and queue ms.
 
-    def record(self, usage: Usage, status: str, outcome: Outcome | None) -> None:
-        """Meter one admitted call that did not come back from a batch (refused, failed, cancelled)."""
-        if usage.metered:
-            return
+        A plain tuple, not an object: live in W1 an object's ``__init__`` cost the
+        request loop about 3 us per call (docs/benchmarks.md).
+        """
+        return (caller.tenant.name, caller.key_id, robot_id, embodiment, request_id, time.time())
+
+    def record(
+        self, usage: tuple, model: str, status: str, outcome: Outcome | None, pending: Pending | None = None
+    ) -> None:
+        """Meter one admitted call that did not come back from a batch (refused, failed, cancelled).
+
+        ``pending``, once the call has one, is marked metered first: a batch that
+        still runs it (its caller cancelled) must not meter it again.
+        """
+        if pending is not None:
+            if pending.metered:
+                return
+            pending.metered = True
         batch_size = outcome.batch_size if outcome else 0
-        call = usage.admitted + (status, batch_size, outcome.queue_ms if outcome else 0.0)
+        call = usage + (status, batch_size, outcome.queue_ms if outcome else 0.0)
         compute_ms = outcome.compute_ms if batch_size else 0.0  # type: ignore[union-attr]
-        self.spool.append_batch(usage.model, compute_ms, time.time(), [call])  # durable from here
-        usage.metered = True
+        try:
+            self.spool.append_batch(model, compute_ms, time.time(), [call])  # durable from here
+        except BaseException:
+            if pending is not None:
+                pending.metered = False
+            raise
         if batch_size:
-            self._charge({usage.tenant: accel_share(compute_ms, batch_size)}, usage.model)
+            self._charge({usage[0]: accel_share(compute_ms, batch_size)}, model)
 
-    def record_batch(self, items: Sequence[Pending], outcomes: Sequence[Outcome]) -> None:
-        """Meter a whole batch at once, before any of its answers leaves.
+    def record_batch(self, items: Sequence[Pending], outcomes: Sequence[Outcome], model: str) -> None:
+        """Meter a whole batch of ``model`` at once, before any of its answers leaves.
 
         One spool record for the batch, its shared fields written once, and no
         function call per call: the replica's request loop is the W1 bottleneck,
@@ -272,36 +290,36 @@ class AccessGate:
         (docs/benchmarks.md).
         """
         calls: list[tuple] = []
-        metered: list[Usage] = []
+        metered: list[Pending] = []
+        charged: list[str] = []  # the tenant of each call that reached the policy
         compute_ms, size = 0.0, 0
         for item, outcome in zip(items, outcomes, strict=True):
             usage = item.usage
-            if usage is not None and not usage.metered:
+            if usage is not None and not item.metered:
                 error = outcome.error
-                status = "OK" if error is None else error.code.name
-                calls.append(usage.admitted + (status, outcome.batch_size, outcome.queue_ms))
-                metered.append(usage)
+                calls.append(usage + ("OK" if error is None else error.code.name, outcome.batch_size, outcome.queue_ms))
+                metered.append(item)
                 if outcome.batch_size:  # reached the policy: all such calls share one compute
                     compute_ms, size = outcome.compute_ms, outcome.batch_size
+                    charged.append(usage[0])
         if not calls:
             return
-        model = metered[0].model
         self.spool.append_batch(model, compute_ms, time.time(), calls)  # durable from here
-        charges: dict[str, float] = {}
-        share = accel_share(compute_ms, size)
-        for usage, call in zip(metered, calls, strict=True):
-            usage.metered = True
-            if call[_BATCH_SIZE]:
-                charges[usage.tenant] = charges.get(usage.tenant, 0.0) + share
-        if charges:
+        for item in metered:
+            item.metered = True
+        if charged:
+            share = accel_share(compute_ms, size)
+            charges: dict[str, float] = {}
+            for tenant in charged:
+                charges[tenant] = charges.get(tenant, 0.0) + share
             self._charge(charges, model)
 
-    def metering(self, run_batch: RunBatch) -> RunBatch:
-        """``run_batch`` that also meters every admitted call in the batch (see ``record_batch``)."""
+    def metering(self, run_batch: RunBatch, model: str) -> RunBatch:
+        """``run_batch`` of ``model`` that also meters every admitted call in the batch (see ``record_batch``)."""
 
         async def run_and_meter(items: list[Pending]) -> list[Outcome]:
             outcomes = await run_batch(items)
-            self.record_batch(items, outcomes)
+            self.record_batch(items, outcomes, model)
             return outcomes
 
         return run_and_meter
@@ -310,28 +328,6 @@ class AccessGate:
         for tenant, accel_ms in accel_ms_by_tenant.items():
             self.quota.charge(tenant, accel_ms)
             m.METRICS.inc(m.TENANT_ACCEL_SECONDS, (tenant, model), accel_ms / 1e3)
-
-
-_BATCH_SIZE = CALL_FIELDS.index("batch_size")
-
-
-@dataclass(slots=True, eq=False)
-class Usage:
-    """What is known about an admitted call when it is admitted; ``metered`` once its record is written.
-
-    The ingress hands it to the batch on ``Pending.usage``; whichever side writes
-    the record first (the batch's metering hook, or the ingress for a call that
-    never got a batch result) sets ``metered``, so the other side writes nothing.
-    Both run on the event loop, so there is no race.
-    """
-
-    tenant: str
-    model: str
-    # The call's record up to what only its outcome tells, in serving.quota.spool.CALL_FIELDS
-    # order: (tenant, key id, robot id, embodiment, request id, admitted_at). The outcome
-    # adds status, batch size and queue ms.
-    admitted: tuple[str, str, str, str, str, float]
-    metered: bool = False
 
 
 @dataclass(frozen=True, slots=True, eq=False)
