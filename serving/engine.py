@@ -49,7 +49,8 @@ class Pending:
     # What the partner gate knows of an admitted call at admission (None with auth off):
     # the start of its usage record. The gate meters the whole batch from it
     # (serving.quota.gate.AccessGate.metering) and sets ``metered``, so the ingress,
-    # which meters a call that never got a batch result, writes nothing twice.
+    # which meters a call that never got a batch result, writes nothing twice (both
+    # run on the event loop, so there is no race).
     usage: tuple | None = None
     metered: bool = False
 

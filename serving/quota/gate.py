@@ -252,8 +252,8 @@ class AccessGate:
         serving.quota.spool.CALL_FIELDS order: (tenant, key id, robot id, embodiment,
         request id, admitted_at). Its outcome adds status, batch size and queue ms.
 
-        A plain tuple, not an object: live in W1 an object's ``__init__`` cost the
-        request loop about 3 us per call (docs/benchmarks.md).
+        A plain tuple, not an object: with cold caches, as on W1's request loop, an
+        object's ``__init__`` cost about 3 us more per call (docs/benchmarks.md).
         """
         return (caller.tenant.name, caller.key_id, robot_id, embodiment, request_id, time.time())
 
