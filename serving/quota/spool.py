@@ -250,7 +250,7 @@ class UsageSpool:
             return
         try:
             seg.mm.madvise(_MADV_POPULATE_WRITE, start, end - start)
-        except (OSError, ValueError):  # an older kernel, or the segment was just sealed and closed
+        except (OSError, ValueError):  # a kernel before 5.14; or close() gave up waiting and unmapped it
             return
         seg.prefaulted = end
 
