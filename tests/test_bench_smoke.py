@@ -168,27 +168,37 @@ def test_interleaved_turns_alternate_and_each_system_gets_only_its_own_metadata(
     assert switches < 60  # 9 turn boundaries; a few calls in flight straddle each
 
 
-def test_thread_cpu_divides_each_threads_cpu_by_the_calls_of_its_systems_turns() -> None:
-    from serving.bench.threadcpu import LOAD_GENERATOR, ThreadCpu, snapshot
+def test_thread_cpu_divides_each_threads_counters_by_the_calls_of_its_systems_turns() -> None:
+    from serving.bench.threadcpu import LOAD_GENERATOR, Sample, ThreadCpu, snapshot
 
     a, gen = ("a", 10, 11), (LOAD_GENERATOR, 20, 21)
+    ms = 1_000_000
     cpu = ThreadCpu()
-    # Two turns of system "a": 100 calls, then 300; its thread used 2 + 6 ticks (10 ms each at 100 Hz).
-    cpu.add_turn("a", {a: (5, "x / loop"), gen: (0, "g")}, {a: (7, "x / loop"), gen: (4, "g")}, 100)
-    cpu.add_turn("a", {a: (7, "x / loop"), gen: (4, "g")}, {a: (13, "x / loop"), gen: (4, "g")}, 300)
+    # Two turns of system "a", 1 s each: 100 calls, then 300. Its thread ran 20 + 60 ms,
+    # waited for a core 4 + 0 ms and faulted 3 + 1 times.
+    before1 = {a: (Sample(50 * ms, 0, 7, 0), "x / loop"), gen: (Sample(0, 0, 0, 0), "g")}
+    after1 = {a: (Sample(70 * ms, 4 * ms, 10, 0), "x / loop"), gen: (Sample(40 * ms, 0, 0, 0), "g")}
+    after2 = {a: (Sample(130 * ms, 4 * ms, 11, 0), "x / loop"), gen: (Sample(40 * ms, 0, 0, 0), "g")}
+    cpu.add_turn("a", before1, after1, 100, 1.0)
+    cpu.add_turn("a", after1, after2, 300, 1.0)
     rows = cpu.report(min_us=0.0)["a"]
-    hz = os.sysconf("SC_CLK_TCK")
     assert rows[0] == {
         "owner": "a",
         "pid": 10,
         "tid": 11,
         "thread": "x / loop",
-        "us_per_call": round(8 / hz / 400 * 1e6, 1),
+        "us_per_call": 200.0,  # 80 ms / 400 calls
+        "wait_us_per_call": 10.0,
+        "off_us_per_call": 4790.0,  # (2 s - 80 ms - 4 ms) / 400
+        "minflt_per_call": 0.01,
+        "majflt_per_call": 0.0,
     }
-    assert rows[1]["owner"] == LOAD_GENERATOR and rows[1]["us_per_call"] == round(4 / hz / 400 * 1e6, 1)
+    assert rows[1]["owner"] == LOAD_GENERATOR and rows[1]["us_per_call"] == 100.0
     # The live reader sees this process's own threads, with the thread name in the label.
     mine = snapshot({os.getpid(): "me"})
-    assert (("me", os.getpid(), os.getpid())) in mine and all(label.count(" / ") >= 1 for _, label in mine.values())
+    assert ("me", os.getpid(), os.getpid()) in mine and all(label.count(" / ") >= 1 for _, label in mine.values())
+    sample = mine[("me", os.getpid(), os.getpid())][0]
+    assert sample.cpu_ns > 0 and sample.minflt > 0
 
 
 def test_bench_refuses_interleave_with_alternate(tmp_path) -> None:

@@ -268,10 +268,11 @@ async def run_interleaved(
         current = phase
         if counted and thread_cpu is not None:
             await asyncio.sleep(settle_s)
-            before, calls_before = threadcpu.snapshot(owners), current.result.calls
+            before, calls_before, since = threadcpu.snapshot(owners), current.result.calls, time.perf_counter()
             await asyncio.sleep(max(0.0, start + phase_s - time.perf_counter()))
             after = threadcpu.snapshot(owners)
-            thread_cpu.add_turn(targets[system]["name"], before, after, current.result.calls - calls_before)
+            calls = current.result.calls - calls_before
+            thread_cpu.add_turn(targets[system]["name"], before, after, calls, time.perf_counter() - since)
         else:
             await asyncio.sleep(phase_s)
         current.result.duration_s = time.perf_counter() - current.counted_from if counted else 0.0

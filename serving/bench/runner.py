@@ -397,7 +397,11 @@ def format_table(result: dict[str, Any]) -> str:
         if "error" in res:
             out.append(f"{name} failed: {res['error']}")
         elif res.get("thread_cpu"):
-            top = ", ".join(f"{t['thread']} [{t['tid']}] {t['us_per_call']}" for t in res["thread_cpu"][:5])
+            top = ", ".join(
+                f"{t['thread']} [{t['tid']}] {t['us_per_call']} ({t.get('wait_us_per_call')} waiting for a core,"
+                f" {t.get('off_us_per_call')} off)"
+                for t in res["thread_cpu"][:5]
+            )
             out.append(f"{name}: CPU per call by thread (us): {top}")
     return "\n".join(out)
 

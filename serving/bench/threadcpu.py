@@ -1,12 +1,18 @@
-"""Which threads pay for a call: per-thread CPU per call, attributed to interleaved turns.
+"""Which threads pay for a call, and where their time goes, attributed to interleaved turns.
 
-``superbrain bench --interleave --thread-cpu`` reads ``/proc/<pid>/task/<tid>/stat``
-of every process of every system (and of the load generator) when each turn's
-counting starts and ends, and divides each thread's CPU by the calls the turn
-counted. Two systems then compare thread by thread under the same load: in
-W1 this is how the cost of auth + quota + metering was found to land on the
-replica's request loop (docs/benchmarks.md). Linux only; elsewhere it reports
-nothing.
+``superbrain bench --interleave --thread-cpu`` reads every thread of every
+system (and of the load generator) when each turn's counting starts and ends,
+and divides what each thread did by the calls the turn counted. Two systems
+then compare thread by thread under the same load: in W1 this is how the cost
+of auth + quota + metering was found to land on the replica's request loop
+(docs/benchmarks.md).
+
+CPU alone missed what cost the most there: a page fault that waits on the
+filesystem costs the bottleneck thread wall time, not CPU. So besides CPU each
+thread also reports, per call, its time runnable but waiting for a core
+(``wait_us``, from ``schedstat``), its time neither running nor runnable
+(``off_us``: blocked on the GIL, a lock, a fault or simply idle) and its page
+faults. Linux only; elsewhere it reports nothing.
 """
 
 from __future__ import annotations
@@ -16,12 +22,23 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 LOAD_GENERATOR = "load generator"
 
-# (owner, pid, tid) -> (CPU ticks, "process title / thread name")
-Snapshot = dict[tuple[str, int, int], tuple[int, str]]
+
+class Sample(NamedTuple):
+    """One thread's cumulative counters at one moment."""
+
+    cpu_ns: int  # time on a CPU
+    wait_ns: int  # time runnable, waiting for a CPU (0 where the kernel keeps no schedstat)
+    minflt: int  # page faults served without I/O
+    majflt: int  # page faults that read from disk
+
+
+# (owner, pid, tid) -> (counters, "process title / thread name")
+Snapshot = dict[tuple[str, int, int], tuple[Sample, str]]
 
 
 @functools.cache  # read once per process: snapshots run inside the measured turns
@@ -33,8 +50,25 @@ def _title(pid: int) -> str:
     return cmdline.strip()[:48] or str(pid)
 
 
+def _sample(task: str) -> tuple[Sample, str] | None:
+    try:
+        stat = Path(f"{task}/stat").read_text()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    cpu_ns, wait_ns = (int(fields[11]) + int(fields[12])) * 1_000_000_000 // _HZ, 0
+    try:  # nanoseconds on CPU and waiting for one, where the kernel keeps them
+        run, wait, _ = Path(f"{task}/schedstat").read_text().split()
+        if int(run):
+            cpu_ns, wait_ns = int(run), int(wait)
+    except (OSError, ValueError):
+        pass
+    return Sample(cpu_ns, wait_ns, int(fields[7]), int(fields[9])), comm
+
+
 def snapshot(owners: dict[int, str]) -> Snapshot:
-    """CPU ticks of every thread of the given processes (``pid -> owner``), now."""
+    """The counters of every thread of the given processes (``pid -> owner``), now."""
     out: Snapshot = {}
     for pid, owner in owners.items():
         title = _title(pid)
@@ -43,50 +77,61 @@ def snapshot(owners: dict[int, str]) -> Snapshot:
         except OSError:
             continue  # gone, or not Linux
         for tid in tids:
-            try:
-                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            except OSError:
-                continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()
-            out[(owner, pid, int(tid))] = (int(fields[11]) + int(fields[12]), f"{title} / {comm}")
+            sampled = _sample(f"/proc/{pid}/task/{tid}")
+            if sampled is not None:
+                out[(owner, pid, int(tid))] = (sampled[0], f"{title} / {sampled[1]}")
     return out
 
 
 @dataclass
 class ThreadCpu:
-    """Per system: CPU ticks of each thread during that system's counted turns, and the calls counted."""
+    """Per system: each thread's counters over that system's counted turns, and the calls and time counted."""
 
-    ticks: dict[str, Counter] = field(default_factory=dict)
+    totals: dict[str, dict[tuple[str, int, int], list[int]]] = field(default_factory=dict)
     names: dict[tuple[str, int, int], str] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
+    seconds: Counter = field(default_factory=Counter)
 
-    def add_turn(self, system: str, before: Snapshot, after: Snapshot, calls: int) -> None:
-        ticks = self.ticks.setdefault(system, Counter())
+    def add_turn(self, system: str, before: Snapshot, after: Snapshot, calls: int, seconds: float = 0.0) -> None:
+        totals = self.totals.setdefault(system, {})
         for key, (now, name) in after.items():
             then = before.get(key, (now, name))[0]
-            if now > then:
-                ticks[key] += now - then
+            if now.cpu_ns > then.cpu_ns:
+                row = totals.setdefault(key, [0] * len(Sample._fields))
+                for i, (a, b) in enumerate(zip(now, then, strict=True)):
+                    row[i] += a - b
                 self.names[key] = name
         self.calls[system] += calls
+        self.seconds[system] += seconds
 
     def report(self, min_us: float = 2.0) -> dict[str, list[dict[str, object]]]:
-        """Per system, its threads (and the load generator's) by CPU per counted call, largest first."""
+        """Per system, its threads (and the load generator's) by CPU per counted call, largest first.
+
+        ``off_us_per_call`` is the counted time not spent running or waiting to
+        run, per call; None when the turns' durations are unknown.
+        """
         out: dict[str, list[dict[str, object]]] = {}
-        for system, ticks in self.ticks.items():
-            calls = self.calls[system]
+        for system, totals in self.totals.items():
+            calls, seconds = self.calls[system], self.seconds[system]
             rows = []
-            for (owner, pid, tid), n in ticks.most_common():
-                us = n / _HZ / calls * 1e6 if calls else 0.0
-                if us >= min_us and owner in (system, LOAD_GENERATOR):
-                    rows.append(
-                        {
-                            "owner": owner,
-                            "pid": pid,
-                            "tid": tid,
-                            "thread": self.names[(owner, pid, tid)],
-                            "us_per_call": round(us, 1),
-                        }
-                    )
+            by_cpu = sorted(totals.items(), key=lambda kv: -kv[1][0])
+            for (owner, pid, tid), (cpu_ns, wait_ns, minflt, majflt) in by_cpu:
+                us = cpu_ns / 1e3 / calls if calls else 0.0
+                if us < min_us or owner not in (system, LOAD_GENERATOR):
+                    continue
+                off = (seconds * 1e9 - cpu_ns - wait_ns) / 1e3 / calls if calls and seconds else None
+                rows.append(
+                    {
+                        "owner": owner,
+                        "pid": pid,
+                        "tid": tid,
+                        "thread": self.names[(owner, pid, tid)],
+                        "us_per_call": round(us, 1),
+                        "wait_us_per_call": round(wait_ns / 1e3 / calls, 1),
+                        "off_us_per_call": None if off is None else round(max(0.0, off), 1),
+                        "minflt_per_call": round(minflt / calls, 3),
+                        "majflt_per_call": round(majflt / calls, 4),
+                    }
+                )
             out[system] = rows
         return out
