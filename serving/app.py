@@ -34,6 +34,20 @@ def replica_malloc_env() -> dict[str, str]:
     return {} if "GLIBC_TUNABLES" in os.environ else {"GLIBC_TUNABLES": MALLOC_TUNABLES}
 
 
+# Ray starts every worker process at nice 15 (its ``worker_niceness``), so that a
+# training job cannot starve the raylet. A replica IS the serving path: at 15 its
+# request loop waits behind every nice-0 process on the node (Ray's own agents, a
+# log shipper, a co-located load generator) whenever the cores are busy. Run it at
+# nice 0. The operator's own ``RAY_worker_niceness`` wins; other actors (the quota
+# coordinator, the Serve controller) keep Ray's default.
+REPLICA_NICENESS = "0"
+WORKER_NICENESS_VAR = "RAY_worker_niceness"  # Ray's spelling: RAY_ + its config name
+
+
+def replica_niceness_env() -> dict[str, str]:
+    return {WORKER_NICENESS_VAR: os.environ.get(WORKER_NICENESS_VAR, REPLICA_NICENESS)}
+
+
 def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
     """Ray Serve options for the replica deployment, from the one config object."""
     actor_options: dict[str, Any] = {
@@ -42,7 +56,13 @@ def deployment_options(cfg: ServingConfig) -> dict[str, Any]:
         # user-code thread only adds a loop hop per call (W1: 0.77 -> 0.97 of the
         # limit). Policy compute runs on the engine's worker thread, so the loop
         # (and Serve's health checks) never block on a forward pass.
-        "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", **replica_malloc_env()}},
+        "runtime_env": {
+            "env_vars": {
+                "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                **replica_malloc_env(),
+                **replica_niceness_env(),
+            }
+        },
     }
     override = cfg.accelerator_override
     if override is None and cfg.replica_num_gpus:

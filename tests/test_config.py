@@ -52,6 +52,18 @@ def test_accelerator_settings_are_checked_and_decide_the_ray_resource() -> None:
     assert "num_gpus" not in options(accelerator="cpu") and "resources" not in options(accelerator="cpu")
 
 
+def test_replicas_run_at_nice_0_unless_the_operator_sets_rays_worker_niceness(monkeypatch) -> None:
+    from serving.app import deployment_options
+
+    def replica_env():
+        return deployment_options(ServingConfig())["ray_actor_options"]["runtime_env"]["env_vars"]
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert replica_env()["RAY_worker_niceness"] == "0"  # Ray's own default is 15
+    monkeypatch.setenv("RAY_worker_niceness", "5")
+    assert replica_env()["RAY_worker_niceness"] == "5"
+
+
 def test_replicas_start_with_malloc_settings_that_keep_frame_buffers_mapped(monkeypatch) -> None:
     """Replicas get GLIBC_TUNABLES (unless the operator set their own), and on glibc they work:
     a freed frame-sized buffer is reused without page-faulting its memory back in."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +195,30 @@ def test_superbrain_act_command(superbrain, capsys) -> None:
 
     reply = json.loads(out)
     assert np.asarray(reply["actions"]).shape == (25, 14)
+
+
+def _replica_thread_niceness(app_name: str) -> dict[int, set[int]]:
+    """pid -> the nice values of its threads, for every Serve replica process of ``app_name``."""
+    found: dict[int, set[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"ServeReplica:{app_name}:" not in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            found[int(proc.name)] = {
+                int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]) for task in (proc / "task").iterdir()
+            }
+        except OSError:
+            continue  # exited meanwhile
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread priorities from Linux's /proc")
+def test_replicas_serve_at_normal_priority_not_rays_worker_niceness(superbrain, robot) -> None:
+    """Ray starts workers at nice 15; a replica (its request loop included) must run at nice 0,
+    or any busy nice-0 process on the node takes the cores from the serving path."""
+    robot.describe()  # the replica is up and serving
+    niceness = _replica_thread_niceness(superbrain.app_name)
+    assert niceness, "no replica process of the app found"
+    assert all(values == {0} for values in niceness.values()), niceness
