@@ -6,6 +6,7 @@ import mmap
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -200,3 +201,19 @@ def test_appends_do_not_fault_once_the_flusher_prefaulted_the_segment(tmp_path):
     assert pages >= 100 and faults <= 10
     assert warm._segment.prefaulted >= warm._segment.pos
     crash(cold), crash(warm)  # unmapped, unlocked; never flushed: there is no ledger here
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from Linux's /proc")
+def test_the_flusher_thread_carries_its_name_for_the_os(url, tmp_path):
+    """In a Ray worker every thread is otherwise ``ray::IDLE`` in top -H and in ``bench --thread-cpu``."""
+    spool = UsageSpool(tmp_path / "spool", url, flush_interval_s=0.01)
+    spool.start()
+    try:
+        assert spool._thread is not None
+        deadline = time.monotonic() + 5
+        comm = Path(f"/proc/self/task/{spool._thread.native_id}/comm")
+        while comm.read_text().strip() != "usage-flusher" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert comm.read_text().strip() == "usage-flusher"
+    finally:
+        spool.close()

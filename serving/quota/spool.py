@@ -22,6 +22,7 @@ volume that outlives the pod.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import marshal
@@ -122,6 +123,16 @@ def _parse_rows(data: bytes | mmap.mmap) -> list[UsageRecord]:
             break
         pos += _LEN + n
     return records
+
+
+def _name_native_thread(name: str) -> None:
+    """Name the calling thread for the OS too (``top -H``, /proc, ``bench --thread-cpu``).
+
+    Python names threads only for itself before 3.14, and in a Ray worker every
+    thread shows up as ``ray::IDLE``. Best effort: Linux only, 15 bytes at most.
+    """
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
 @dataclass
@@ -286,6 +297,7 @@ class UsageSpool:
         return _Segment(path, fd, mmap.mmap(fd, size), rows_before=self._appended)
 
     def _run(self) -> None:
+        _name_native_thread("usage-flusher")
         store: LedgerStore | None = None
         last_recovery = 0.0
         while not self._stop.wait(self.flush_interval_s):
