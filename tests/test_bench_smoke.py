@@ -83,6 +83,49 @@ def test_bench_interleave_switches_one_load_between_running_systems() -> None:
     assert "p50_ratio_at_1" not in summary
 
 
+def test_a_keyed_auth_off_run_splits_the_cost_into_the_header_and_the_gate() -> None:
+    """With superbrain_auth_off_key in the run, the bench reports what the header alone costs
+    (keyed / off) and what the gate costs beyond it (on / keyed), each also per instance."""
+    from serving.bench.runner import _instance_spread, compute_ratios
+
+    def inst(on: float, keyed: float, off: float) -> dict:
+        return {
+            "superbrain": {"rps": on, "rounds_rps": [on] * 3},
+            "superbrain_auth_off_key": {"rps": keyed, "rounds_rps": [keyed] * 3},
+            "superbrain_auth_off": {"rps": off, "rounds_rps": [off] * 3},
+        }
+
+    ratios = compute_ratios("W1", inst(90, 96, 100), [64])
+    assert ratios["ratio_vs_superbrain_auth_off"] == 0.9
+    assert ratios["ratio_key_only_vs_superbrain_auth_off"] == 0.96
+    assert ratios["ratio_vs_superbrain_auth_off_key"] == round(90 / 96, 3)
+    spread = _instance_spread("W1", [inst(90, 96, 100), inst(94, 98, 100)], [64])
+    assert spread["ratio_key_only_vs_superbrain_auth_off_per_instance"] == [0.96, 0.98]
+    assert "ratio_key_only_vs_superbrain_auth_off" not in compute_ratios(
+        "W1", inst(90, 96, 100) | {"superbrain_auth_off_key": {"error": "x"}}, [64]
+    )
+
+
+def test_pooled_instances_compare_threads_by_role_not_by_id() -> None:
+    """Each instance has new thread ids; a role (name and rank by CPU within the name) is
+    what stays the same, so that is what the pooled per-thread figures average over."""
+    from serving.bench.runner import _threads_by_role
+
+    def row(tid: int, thread: str, us: float, owner: str = "sb") -> dict:
+        figures = {"us_per_call": us, "wait_us_per_call": us / 10, "off_us_per_call": 1.0, "minflt_per_call": 0.5}
+        return {"owner": owner, "pid": 1, "tid": tid, "thread": thread, **figures}
+
+    one = [row(11, "r / ray::IDLE", 400), row(12, "r / ray::IDLE", 40), row(13, "r / event_engine", 20)]
+    two = [row(22, "r / ray::IDLE", 50), row(21, "r / ray::IDLE", 380), row(9, "gen / python", 200, "load generator")]
+    pooled = {r["thread"]: r for r in _threads_by_role([one, two])}
+    assert pooled["r / ray::IDLE #1"]["us_per_call"] == 390.0  # the loop in both, whatever its id
+    assert pooled["r / ray::IDLE #2"]["us_per_call"] == 45.0
+    assert pooled["r / ray::IDLE #1"]["wait_us_per_call"] == 39.0
+    assert pooled["r / event_engine #1"]["us_per_call"] == 10.0  # absent from one instance: counts as 0
+    assert pooled["gen / python #1"]["owner"] == "load generator"
+    assert [r["thread"] for r in _threads_by_role([one, two])][0] == "r / ray::IDLE #1"
+
+
 def test_instances_pool_rounds_pairwise_and_report_each_instance_ratio() -> None:
     """Pooled rounds keep each pair within its own instance; the per-instance ratios show their spread."""
     from serving.bench.runner import _instance_spread, _paired_ratio, _pool_instances

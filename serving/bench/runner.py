@@ -290,6 +290,7 @@ def compute_ratios(workload: str, systems: dict[str, dict[str, Any]], levels: li
     if ok(sb):
         for name in (
             "superbrain_auth_off",
+            "superbrain_auth_off_key",
             "superbrain_bare",
             "superbrain_no_ray",
             "superbrain_serve_batch",
@@ -304,6 +305,11 @@ def compute_ratios(workload: str, systems: dict[str, dict[str, Any]], levels: li
         if ok(off) and sb.get("server_cpu_us_per_call") and off.get("server_cpu_us_per_call"):
             # > 1: what auth + quota + metering add to the server's CPU per call.
             out["cpu_per_call_vs_superbrain_auth_off"] = _paired_ratio(sb, off, "server_cpu_us_per_call")
+    off, keyed = systems.get("superbrain_auth_off"), systems.get("superbrain_auth_off_key")
+    if ok(off) and ok(keyed):
+        # What the authorization header alone costs (robots and gRPC), with the gate off;
+        # ratio_vs_superbrain_auth_off_key is then the gate's own cost.
+        out["ratio_key_only_vs_superbrain_auth_off"] = _paired_ratio(keyed, off)
     return out
 
 
@@ -397,10 +403,11 @@ def format_table(result: dict[str, Any]) -> str:
         if "error" in res:
             out.append(f"{name} failed: {res['error']}")
         elif res.get("thread_cpu"):
+            threads = res.get("thread_cpu_by_role") or res["thread_cpu"]
             top = ", ".join(
-                f"{t['thread']} [{t['tid']}] {t['us_per_call']} ({t.get('wait_us_per_call')} waiting for a core,"
+                f"{t['thread']} {t['us_per_call']} ({t.get('wait_us_per_call')} waiting for a core,"
                 f" {t.get('off_us_per_call')} off)"
-                for t in res["thread_cpu"][:5]
+                for t in threads[:5]
             )
             out.append(f"{name}: CPU per call by thread (us): {top}")
     return "\n".join(out)
@@ -601,7 +608,10 @@ def _pool_instances(systems: list[str], instances: list[dict[str, dict[str, Any]
     ``rounds_rps`` concatenated in instance order keeps every pair intact for
     ``_paired_ratio``. A system that failed in any instance counts as failed.
     ``rps`` is the median over all rounds; the rest (the table row, latencies,
-    ``thread_cpu``) is the median instance's.
+    ``thread_cpu``) is the median instance's. ``thread_cpu_by_role`` averages
+    every instance's per-thread figures (``_threads_by_role``): the median
+    instance of one system is seldom that of another, so only these compare
+    systems thread by thread.
     """
     if len(instances) == 1:
         return instances[0]
@@ -621,7 +631,35 @@ def _pool_instances(systems: list[str], instances: list[dict[str, dict[str, Any]
             "rounds_rps": rounds,
             "instances_rps": [r["rps"] for r in runs],
         }
+        if all(r.get("thread_cpu") for r in runs):
+            pooled[name]["thread_cpu_by_role"] = _threads_by_role([r["thread_cpu"] for r in runs])
     return pooled
+
+
+_THREAD_FIGURES = ("us_per_call", "wait_us_per_call", "off_us_per_call", "minflt_per_call")
+
+
+def _threads_by_role(instances: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per-thread figures of several instances, each averaged over the instances.
+
+    Threads are told apart by role, not id: owner, "process / thread" name and
+    rank by CPU among the threads of that name (``ray::IDLE #1`` is a replica's
+    request loop, the busiest of Ray's unnamed threads). Largest CPU first.
+    """
+    sums: dict[tuple[str, str], dict[str, float]] = {}
+    for rows in instances:
+        seen: dict[tuple[str, str], int] = {}
+        for row in sorted(rows, key=lambda r: -float(r["us_per_call"])):
+            name = (str(row["owner"]), str(row["thread"]))
+            seen[name] = seen.get(name, 0) + 1
+            acc = sums.setdefault((name[0], f"{name[1]} #{seen[name]}"), dict.fromkeys(_THREAD_FIGURES, 0.0))
+            for figure in _THREAD_FIGURES:
+                acc[figure] += float(row.get(figure) or 0.0) / len(instances)
+    out = [
+        {"owner": owner, "thread": thread, **{f: round(v, 3 if f == "minflt_per_call" else 1) for f, v in acc.items()}}
+        for (owner, thread), acc in sums.items()
+    ]
+    return sorted(out, key=lambda row: -row["us_per_call"])
 
 
 def _instance_spread(workload: str, instances: list[dict[str, dict[str, Any]]], levels: list[int]) -> dict[str, Any]:
@@ -629,7 +667,7 @@ def _instance_spread(workload: str, instances: list[dict[str, dict[str, Any]]], 
     per: dict[str, list[float]] = {}
     for inst in instances:
         for key, value in compute_ratios(workload, inst, levels).items():
-            if key.startswith("ratio_vs_") and value is not None:
+            if key.startswith("ratio_") and value is not None:
                 per.setdefault(key, []).append(value)
     out: dict[str, Any] = {}
     for key, values in per.items():

@@ -69,7 +69,7 @@ def bench_config(system: str = "superbrain", policy: str | None = None) -> Servi
         overrides["max_batch_size"] = 1
     if system == "superbrain_serve_batch":
         overrides["batcher"] = "serve"
-    if system in ("superbrain_auth_off", "superbrain_bare", "superbrain_no_ray"):
+    if system in ("superbrain_auth_off", "superbrain_auth_off_key", "superbrain_bare", "superbrain_no_ray"):
         overrides["auth"] = False
     if system == "superbrain_bare":
         overrides["metrics_port"] = 0
@@ -83,6 +83,7 @@ def bench_config(system: str = "superbrain", policy: str | None = None) -> Servi
 SERVER_SYSTEMS = (
     "superbrain",
     "superbrain_auth_off",
+    "superbrain_auth_off_key",
     "superbrain_bare",
     "superbrain_unbatched",
     "superbrain_serve_batch",
@@ -102,6 +103,9 @@ DESCRIPTIONS = {
         "usage metering, validation, admission)"
     ),
     "superbrain_auth_off": "Superbrain with auth, quota and metering off (auth=false, loopback)",
+    "superbrain_auth_off_key": (
+        "superbrain_auth_off, robots still sending an API key (what the authorization header alone costs)"
+    ),
     "superbrain_bare": "Superbrain with auth, the metrics endpoint and the access log off (metrics are still counted)",
     "superbrain_unbatched": "Superbrain, max_batch_size=1",
     "superbrain_serve_batch": "Superbrain with batcher=serve (Ray Serve's @serve.batch instead of CapacityBatcher)",
@@ -278,6 +282,7 @@ def serve_system(system: str, workload: str, policy: str | None) -> int:
     elif system in (
         "superbrain",
         "superbrain_auth_off",
+        "superbrain_auth_off_key",
         "superbrain_bare",
         "superbrain_unbatched",
         "superbrain_serve_batch",
@@ -350,6 +355,12 @@ def _serve_superbrain(system: str, policy: str, request: bytes, stopper: _Stoppe
         state_dir = tempfile.mkdtemp(prefix="superbrain-bench-state-", dir=os.environ.get(STATE_PARENT_ENV))
         cfg = cfg.model_copy(update={"state_dir": state_dir})
         api_key = _bench_tenant_key(cfg)
+        metadata = (("authorization", f"Bearer {api_key}"),)
+    elif system == "superbrain_auth_off_key":
+        # A partner's header, the real key shape, to a server that ignores it.
+        from serving.quota.keys import new_key
+
+        api_key = new_key("bench")[0]
         metadata = (("authorization", f"Bearer {api_key}"),)
     launcher.ensure_ray(None)
     try:
