@@ -10,9 +10,9 @@ of auth + quota + metering was found to land on the replica's request loop
 CPU alone missed what cost the most there: a page fault that waits on the
 filesystem costs the bottleneck thread wall time, not CPU. So besides CPU each
 thread also reports, per call, its time runnable but waiting for a core
-(``wait_us``, from ``schedstat``), its time neither running nor runnable
-(``off_us``: blocked on the GIL, a lock, a fault or simply idle) and its page
-faults. Linux only; elsewhere it reports nothing.
+(``wait_us_per_call``, from ``schedstat``), its time neither running nor
+runnable (``off_us_per_call``: blocked on the GIL, a lock, a fault or simply
+idle) and its page faults. Linux only; elsewhere it reports nothing.
 """
 
 from __future__ import annotations
