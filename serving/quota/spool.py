@@ -125,12 +125,13 @@ def _parse_rows(data: bytes | mmap.mmap) -> list[UsageRecord]:
     return records
 
 
-def _name_native_thread(name: str) -> None:
-    """Name the calling thread for the OS too (``top -H``, /proc, ``bench --thread-cpu``).
+def _name_native_thread() -> None:
+    """Give the calling thread its Python name for the OS too (``top -H``, /proc, ``bench --thread-cpu``).
 
     Python names threads only for itself before 3.14, and in a Ray worker every
     thread shows up as ``ray::IDLE``. Best effort: Linux only, 15 bytes at most.
     """
+    name = threading.current_thread().name
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
@@ -297,7 +298,7 @@ class UsageSpool:
         return _Segment(path, fd, mmap.mmap(fd, size), rows_before=self._appended)
 
     def _run(self) -> None:
-        _name_native_thread("usage-flusher")
+        _name_native_thread()
         store: LedgerStore | None = None
         last_recovery = 0.0
         while not self._stop.wait(self.flush_interval_s):
