@@ -109,7 +109,7 @@ def test_a_keyed_auth_off_run_splits_the_cost_into_the_header_and_the_gate() -> 
 def test_pooled_instances_compare_threads_by_role_not_by_id() -> None:
     """Each instance has new thread ids; a role (name and rank by CPU within the name) is
     what stays the same, so that is what the pooled per-thread figures average over."""
-    from serving.bench.runner import _threads_by_role
+    from serving.bench.threadcpu import pool_by_role
 
     def row(tid: int, thread: str, us: float, owner: str = "sb") -> dict:
         figures = {"us_per_call": us, "wait_us_per_call": us / 10, "off_us_per_call": 1.0, "minflt_per_call": 0.5}
@@ -117,13 +117,13 @@ def test_pooled_instances_compare_threads_by_role_not_by_id() -> None:
 
     one = [row(11, "r / ray::IDLE", 400), row(12, "r / ray::IDLE", 40), row(13, "r / event_engine", 20)]
     two = [row(22, "r / ray::IDLE", 50), row(21, "r / ray::IDLE", 380), row(9, "gen / python", 200, "load generator")]
-    pooled = {r["thread"]: r for r in _threads_by_role([one, two])}
+    pooled = {r["thread"]: r for r in pool_by_role([one, two])}
     assert pooled["r / ray::IDLE #1"]["us_per_call"] == 390.0  # the loop in both, whatever its id
     assert pooled["r / ray::IDLE #2"]["us_per_call"] == 45.0
     assert pooled["r / ray::IDLE #1"]["wait_us_per_call"] == 39.0
     assert pooled["r / event_engine #1"]["us_per_call"] == 10.0  # absent from one instance: counts as 0
     assert pooled["gen / python #1"]["owner"] == "load generator"
-    assert [r["thread"] for r in _threads_by_role([one, two])][0] == "r / ray::IDLE #1"
+    assert [r["thread"] for r in pool_by_role([one, two])][0] == "r / ray::IDLE #1"
 
 
 def test_instances_pool_rounds_pairwise_and_report_each_instance_ratio() -> None:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serving.bench import threadcpu
 from serving.bench.systems import (
     ALL_SYSTEMS,
     CPUS_ENV,
@@ -609,7 +610,7 @@ def _pool_instances(systems: list[str], instances: list[dict[str, dict[str, Any]
     ``_paired_ratio``. A system that failed in any instance counts as failed.
     ``rps`` is the median over all rounds; the rest (the table row, latencies,
     ``thread_cpu``) is the median instance's. ``thread_cpu_by_role`` averages
-    every instance's per-thread figures (``_threads_by_role``): the median
+    every instance's per-thread figures (``threadcpu.pool_by_role``): the median
     instance of one system is seldom that of another, so only these compare
     systems thread by thread.
     """
@@ -632,34 +633,8 @@ def _pool_instances(systems: list[str], instances: list[dict[str, dict[str, Any]
             "instances_rps": [r["rps"] for r in runs],
         }
         if all(r.get("thread_cpu") for r in runs):
-            pooled[name]["thread_cpu_by_role"] = _threads_by_role([r["thread_cpu"] for r in runs])
+            pooled[name]["thread_cpu_by_role"] = threadcpu.pool_by_role([r["thread_cpu"] for r in runs])
     return pooled
-
-
-_THREAD_FIGURES = ("us_per_call", "wait_us_per_call", "off_us_per_call", "minflt_per_call")
-
-
-def _threads_by_role(instances: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per-thread figures of several instances, each averaged over the instances.
-
-    Threads are told apart by role, not id: owner, "process / thread" name and
-    rank by CPU among the threads of that name (``ray::IDLE #1`` is a replica's
-    request loop, the busiest of Ray's unnamed threads). Largest CPU first.
-    """
-    sums: dict[tuple[str, str], dict[str, float]] = {}
-    for rows in instances:
-        seen: dict[tuple[str, str], int] = {}
-        for row in sorted(rows, key=lambda r: -float(r["us_per_call"])):
-            name = (str(row["owner"]), str(row["thread"]))
-            seen[name] = seen.get(name, 0) + 1
-            acc = sums.setdefault((name[0], f"{name[1]} #{seen[name]}"), dict.fromkeys(_THREAD_FIGURES, 0.0))
-            for figure in _THREAD_FIGURES:
-                acc[figure] += float(row.get(figure) or 0.0) / len(instances)
-    out = [
-        {"owner": owner, "thread": thread, **{f: round(v, 3 if f == "minflt_per_call" else 1) for f, v in acc.items()}}
-        for (owner, thread), acc in sums.items()
-    ]
-    return sorted(out, key=lambda row: -row["us_per_call"])
 
 
 def _instance_spread(workload: str, instances: list[dict[str, dict[str, Any]]], levels: list[int]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 LOAD_GENERATOR = "load generator"
@@ -135,3 +135,30 @@ class ThreadCpu:
                 )
             out[system] = rows
         return out
+
+
+# The per-call figures of a ``ThreadCpu.report`` row that pooling averages.
+_POOLED_FIGURES = ("us_per_call", "wait_us_per_call", "off_us_per_call", "minflt_per_call")
+
+
+def pool_by_role(instances: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Report rows of several instances (fresh systems, fresh thread ids), each averaged over the instances.
+
+    Threads are told apart by role, not id: owner, "process / thread" name and
+    rank by CPU among the threads of that name (``ray::IDLE #1`` is a replica's
+    request loop, the busiest of Ray's unnamed threads). Largest CPU first.
+    """
+    sums: dict[tuple[str, str], dict[str, float]] = {}
+    for rows in instances:
+        seen: dict[tuple[str, str], int] = {}
+        for row in sorted(rows, key=lambda r: -float(r["us_per_call"])):
+            name = (str(row["owner"]), str(row["thread"]))
+            seen[name] = seen.get(name, 0) + 1
+            acc = sums.setdefault((name[0], f"{name[1]} #{seen[name]}"), dict.fromkeys(_POOLED_FIGURES, 0.0))
+            for figure in _POOLED_FIGURES:
+                acc[figure] += float(row.get(figure) or 0.0) / len(instances)
+    out = [
+        {"owner": owner, "thread": thread, **{f: round(v, 3 if f == "minflt_per_call" else 1) for f, v in acc.items()}}
+        for (owner, thread), acc in sums.items()
+    ]
+    return sorted(out, key=lambda row: -row["us_per_call"])
