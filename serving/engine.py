@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -33,6 +34,9 @@ import numpy as np
 from serving import metrics as m
 from serving.errors import RequestError, deadline_exceeded
 from serving.policy.base import Policy, PolicyObservation
+
+if TYPE_CHECKING:
+    from serving.quota.gate import KeyPass
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +50,15 @@ class Pending:
     received: float = field(default_factory=time.monotonic)
     # Set when the caller has gone (cancelled, or its RPC ended): never compute for it.
     cancelled: bool = False
-    # What the partner gate knows of an admitted call at admission (None with auth off):
-    # the start of its usage record. The gate meters the whole batch from it
-    # (serving.quota.gate.AccessGate.metering) and sets ``metered``, so the ingress,
-    # which meters a call that never got a batch result, writes nothing twice (both
-    # run on the event loop, so there is no race).
-    usage: tuple | None = None
+    # The partner gate's part (auth on; None and unused with auth off): the verified key
+    # the call came with (serving.quota.gate.KeyPass) and its request id. The gate's
+    # batch hook (AccessGate.metering) admits the calls of a batch (a quota token
+    # each: ``admitted``) before it runs and meters them after (``metered``); the
+    # ingress meters an admitted call that never got a batch result. Both run on the
+    # event loop, so there is no race, and no call is metered twice.
+    key: KeyPass | None = None
+    request_id: str = ""
+    admitted: bool = False
     metered: bool = False
 
 
@@ -63,6 +70,10 @@ class Outcome:
     compute_ms: float = 0.0
     batch_size: int = 0
 
+
+#: What a batch hook answers for a call it would not run (the partner gate: no quota token
+#: on this replica just now). The ingress deals with the call itself and may submit it again.
+NOT_ADMITTED = Outcome()
 
 Submit = Callable[[Pending], Awaitable[Outcome]]
 

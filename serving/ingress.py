@@ -25,10 +25,10 @@ from serving import __version__, codec
 from serving import metrics as m
 from serving.access_log import AccessLog
 from serving.api import pb, pb_grpc
-from serving.engine import Outcome, Pending, Submit
+from serving.engine import NOT_ADMITTED, Outcome, Pending, Submit
 from serving.errors import RequestError, exhausted, not_found
 from serving.policy.base import Policy
-from serving.quota.gate import AccessGate, Caller
+from serving.quota.gate import AccessGate, KeyPass
 
 log = logging.getLogger(__name__)
 
@@ -112,42 +112,37 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
     async def Act(self, request: pb.ActRequest, context: grpc.aio.ServicerContext) -> pb.ActResponse:
         received = time.monotonic()
         remaining = context.time_remaining()
-        caller = None
-        admitted = False
+        key = None
         try:
             if self._gate is not None:
-                # One plain call admits a caller seen before: in W1, each extra call or
-                # coroutine on this path is measurable (docs/benchmarks.md).
+                # A key seen before costs one lookup here; its quota token is taken with
+                # the rest of its batch (AccessGate.metering).
                 metadata = call_metadata(context)
-                if self.inflight < self._limits.max_queued_requests:  # else _act refuses it before admission
-                    caller = self._gate.admit_known(metadata, request.observation.model or self._policy.name)
-                    admitted = caller is not None
-                if caller is None:  # the slow way, which says why if it refuses
-                    caller = await self._authenticate(context, metadata)
-            outcome = await self._act(request, received, remaining, caller, admitted)
+                key = self._gate.key_pass(metadata) or await self._gate.verify(metadata)
+            outcome = await self._act(request, received, remaining, key)
         except RequestError as err:
             context.set_code(err.code)
             context.set_details(err.detail)
             if err.details:
                 context.set_trailing_metadata(err.status_trailer())
-            self._finished(request, caller, err.code.name, received, None)
+            self._finished(request, key, err.code.name, received, None)
             return pb.ActResponse()
         except BaseException as exc:  # the caller went away, or a bug (grpc answers UNKNOWN)
-            self._finished(request, caller, _unexpected_code(exc), received, None)
+            self._finished(request, key, _unexpected_code(exc), received, None)
             raise
         response = self._response(request, outcome, received)
-        self._finished(request, caller, "OK", received, outcome)
+        self._finished(request, key, "OK", received, outcome)
         return response
 
     async def ActStream(
         self, request_iterator: AsyncIterator[pb.ActRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ActStreamResponse]:
-        caller = None
+        key = None
         if self._gate is not None:
             # A bad key or a full stream cap ends the stream before its first step.
             try:
-                caller = await self._authenticate(context)
-                await self._gate.open_stream(caller)
+                key = await self._verify(context)
+                await self._gate.open_stream(key.caller)
             except RequestError as err:
                 if err.details:
                     context.set_trailing_metadata(err.status_trailer())
@@ -156,13 +151,13 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         try:
             async for request in request_iterator:
                 received = time.monotonic()
-                step_caller = None
+                step_key = None
                 try:
                     # Re-checked per step, so a revoked key stops an open stream too.
-                    step_caller = await self._authenticate(context, metadata)
-                    outcome = await self._act(request, received, None, step_caller)
+                    step_key = await self._verify(context, metadata)
+                    outcome = await self._act(request, received, None, step_key)
                 except RequestError as err:
-                    self._finished(request, step_caller, err.code.name, received, None)
+                    self._finished(request, step_key, err.code.name, received, None)
                     yield pb.ActStreamResponse(
                         error=pb.StepError(
                             code=err.code.value[0],
@@ -174,74 +169,95 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
                     )
                     continue
                 chunk = self._response(request, outcome, received)
-                self._finished(request, step_caller, "OK", received, outcome)
+                self._finished(request, step_key, "OK", received, outcome)
                 yield pb.ActStreamResponse(chunk=chunk)
         finally:
-            if caller is not None and self._gate is not None:
-                await self._gate.close_stream(caller)
+            if key is not None and self._gate is not None:
+                await self._gate.close_stream(key.caller)
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         if self._gate is not None:
             try:
-                await self._authenticate(context)
+                await self._verify(context)
             except RequestError as err:
                 await context.abort(err.code, err.detail)
         return self._describe
 
     # -- one observation ----------------------------------------------------
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext, metadata=None) -> Caller | None:
+    async def _verify(self, context: grpc.aio.ServicerContext, metadata=None) -> KeyPass | None:
         if self._gate is None:
             return None
         if metadata is None:
             metadata = call_metadata(context)
-        return self._gate.cached_caller(metadata) or await self._gate.authenticate(metadata)
+        return self._gate.key_pass(metadata) or await self._gate.verify(metadata)
 
     async def _act(
-        self,
-        request: pb.ActRequest,
-        received: float,
-        remaining: float | None,
-        caller: Caller | None,
-        admitted: bool = False,
+        self, request: pb.ActRequest, received: float, remaining: float | None, key: KeyPass | None
     ) -> Outcome:
-        """One observation: admission (unless ``admitted`` already), then the batcher's answer, metered once."""
+        """One observation: validated, batched, answered; with a ``key``, admitted and metered once.
+
+        The batch admits the call (a token from this replica's slice of the
+        tenant's quota) and meters it with the rest of the batch. Only a call the
+        batch could not admit, or one refused before it reached a batch, is
+        admitted and metered here.
+        """
         if self.inflight >= self._limits.max_queued_requests:
             m.METRICS.inc(m.OVERLOAD_REJECTIONS, self._model_label)
             raise exhausted(
                 f"server overloaded: {self.inflight} requests queued on this replica; retry with backoff",
                 retry_after_s=OVERLOAD_RETRY_S,
             )
-        if caller is None:
+        if key is None:
             return await self._wait(self._pending(request, received, remaining))
-        assert self._gate is not None
-        obs = request.observation
-        if not admitted:
-            model = obs.model or self._policy.name
-            if not self._gate.try_admit(caller, model):
-                self._gate.authorize(caller, model)
-                await self._gate.admit(caller)
-        # Admitted: from here on exactly one usage record, whatever the outcome. The
-        # batcher's metering hook writes it with the rest of the batch before any
-        # answer leaves; a call that never got a batch result is recorded here.
-        usage = self._gate.usage(caller, obs.robot_id, obs.embodiment, request.request_id)
-        pending: Pending | None = None
+        gate = self._gate
+        assert gate is not None
+        if key.models is not None:  # the plan names its models
+            gate.authorize(key, request.observation.model or self._policy.name)
+        try:
+            pending = self._pending(request, received, remaining, key)
+        except RequestError as err:
+            # Refused before a batch, but a call all the same: it takes a token (over
+            # quota, RESOURCE_EXHAUSTED is the answer) and is metered with its error.
+            await gate.admit(key.caller)
+            self._record(request, received, key, err.code.name, None, None)
+            raise
         outcome: Outcome | None = None
         status = "CANCELLED"
         try:
-            pending = self._pending(request, received, remaining, usage)
             outcome = await self._wait(pending)
+            if outcome is NOT_ADMITTED:  # this replica's slice had no token: wait for one, or say why not
+                await gate.admit(key.caller)
+                pending.admitted = True
+                outcome = await self._wait(pending)
             status = "OK"
             return outcome
         except RequestError as err:
             status = err.code.name
             raise
         finally:
-            if pending is None or not pending.metered:
-                self._gate.record(usage, self._policy.name, status, outcome, pending)
+            # Admitted: exactly one usage record, whatever the outcome; the batch wrote it
+            # unless the call never got a batch result.
+            if pending.admitted and not pending.metered:
+                self._record(request, received, key, status, outcome, pending)
+
+    def _record(
+        self,
+        request: pb.ActRequest,
+        received: float,
+        key: KeyPass,
+        status: str,
+        outcome: Outcome | None,
+        pending: Pending | None,
+    ) -> None:
+        """Meter one admitted call that has no batch result (refused, failed or cancelled)."""
+        assert self._gate is not None
+        obs = request.observation
+        usage = self._gate.usage(key, obs.robot_id, obs.embodiment, request.request_id, received)
+        self._gate.record(usage, self._policy.name, status, outcome, pending)
 
     def _pending(
-        self, request: pb.ActRequest, received: float, remaining: float | None, usage: tuple | None = None
+        self, request: pb.ActRequest, received: float, remaining: float | None, key: KeyPass | None = None
     ) -> Pending:
         """Validate and decode one observation for the batcher."""
         obs = request.observation
@@ -257,7 +273,15 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         m.METRICS.observe(m.PREPROCESS_DURATION, self._model_label, time.monotonic() - started)
         if remaining is None or remaining > 1e9:
             remaining = self._limits.default_timeout_s
-        return Pending(observation=decoded, deadline=received + remaining, received=received, usage=usage)
+        if key is None:
+            return Pending(observation=decoded, deadline=received + remaining, received=received)
+        return Pending(
+            observation=decoded,
+            deadline=received + remaining,
+            received=received,
+            key=key,
+            request_id=request.request_id,
+        )
 
     async def _wait(self, pending: Pending) -> Outcome:
         """The batcher's answer for one observation."""
@@ -275,12 +299,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         return outcome
 
     def _finished(
-        self, request: pb.ActRequest, caller: Caller | None, code: str, received: float, outcome: Outcome | None
+        self, request: pb.ActRequest, key: KeyPass | None, code: str, received: float, outcome: Outcome | None
     ) -> None:
         """Count and log one finished request (tuple appends: no I/O on the request path)."""
         latency_s = time.monotonic() - received
-        if caller is not None:
-            tenant, key_id = caller.tenant.name, caller.key_id
+        if key is not None:
+            tenant, key_id = key.tenant, key.key_id
         else:
             tenant, key_id = (m.NO_TENANT if self._gate is None else m.UNKNOWN_TENANT), ""
         embodiment = request.observation.embodiment

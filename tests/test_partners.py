@@ -186,9 +186,12 @@ def test_stopping_the_key_cache_during_a_reload_closes_its_store_after_the_reloa
     asyncio.run(scenario())
 
 
-def test_the_fast_path_takes_a_token_only_for_a_verified_key_and_a_planned_model(ledger_url, tmp_path):
-    """admit_known admits in one step or takes nothing, leaving the slow path to say why."""
+def test_a_key_pass_needs_a_verified_key_and_tokens_are_taken_per_batch(ledger_url, tmp_path):
+    """The request loop only looks the key up; the batch takes a token per call, or hands the
+    calls its slice has no token for back to the ingress, taking nothing for them."""
     import asyncio
+
+    from serving.engine import Pending
 
     key = add_tenant(ledger_url, "acme", Plan(rate_per_s=1000, burst=1000, models=("echo",)))
     book = QuotaBook(lease_ttl_s=60.0)
@@ -199,40 +202,58 @@ def test_the_fast_path_takes_a_token_only_for_a_verified_key_and_a_planned_model
     gate = AccessGate(KeyCache(ledger_url, refresh_s=60), quota, UsageSpool(tmp_path / "spool", ledger_url))
     metadata = (("user-agent", "test"), ("authorization", f"Bearer {key}"))
 
+    def calls(n: int, **fields) -> list[Pending]:
+        return [Pending(None, deadline=0.0, key=passed, request_id=f"r{i}", **fields) for i in range(n)]  # type: ignore[arg-type]
+
     async def scenario():
+        nonlocal passed
         await gate.start()
         try:
-            assert gate.admit_known(metadata, "echo") is None  # not verified on this replica yet
-            caller = await gate.authenticate(metadata)
-            assert gate.admit_known(metadata, "echo") is None  # no tokens leased yet
-            await asyncio.sleep(0.2)  # the bucket refills
-            await gate.admit(caller)
-            held = quota._slices["acme"].tokens
-            assert held > 0
-            exported = {metric.name: value for metric, _, value in gate.metric_values()}
-            assert exported["superbrain_quota_admission_waits"] == 1  # the slow path waited for the lease
-            assert exported["superbrain_quota_exchanges"] >= 1
-            assert exported["superbrain_quota_exchange_failures"] == 0
-            assert gate.admit_known(metadata, "echo") == caller
-            assert quota._slices["acme"].tokens == held - 1
-            for refused_metadata, model in [
-                (metadata, "someone-elses-model"),
-                ((("authorization", f"Bearer {key[:-1]}x"),), "echo"),
-                ((("user-agent", "test"),), "echo"),
-                (None, "echo"),
+            assert gate.key_pass(metadata) is None  # not verified on this replica yet
+            passed = await gate.verify(metadata)
+            assert gate.key_pass(metadata) is passed
+            assert (passed.tenant, passed.caller.tenant.name) == ("acme", "acme")
+            for refused_metadata in [
+                (("authorization", f"Bearer {key[:-1]}x"),),
+                (("user-agent", "test"),),
+                None,
             ]:
-                assert gate.admit_known(refused_metadata, model) is None
-            assert quota._slices["acme"].tokens == held - 1
-            # What the fast path remembers per key goes with every reload: a revoked key
-            # is refused at once, without a token taken.
+                assert gate.key_pass(refused_metadata) is None
+            with pytest.raises(RequestError) as denied:
+                gate.authorize(passed, "someone-elses-model")
+            assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+            gate.authorize(passed, "echo")
+
+            # No tokens leased yet: the whole batch goes back, nothing taken.
+            batch = calls(3)
+            assert gate.admit_batch(batch) == batch
+            assert not any(item.admitted for item in batch)
+            await asyncio.sleep(0.2)  # the bucket refills
+            await gate.admit(passed.caller)  # the slow path: waits for a lease
+            held = quota._slices["acme"].tokens
+            assert held > 5
+            exported = {metric.name: value for metric, _, value in gate.metric_values()}
+            assert exported["superbrain_quota_admission_waits"] == 1
+            assert exported["superbrain_quota_exchanges"] >= 1
+            assert gate.admit_batch(batch) == []
+            assert all(item.admitted for item in batch)
+            assert quota._slices["acme"].tokens == held - 3
+            # Admitted already (the slow path, or an earlier batch), or its caller gone: no token.
+            assert gate.admit_batch(batch + calls(2, cancelled=True)) == []
+            assert quota._slices["acme"].tokens == held - 3
+
+            # What is remembered per key goes with every reload: a revoked key is refused at once.
             with open_store(ledger_url) as store:
                 store.revoke_key(key.split("_")[1])
             await gate.keys.refresh()
-            assert gate.admit_known(metadata, "echo") is None
-            assert quota._slices["acme"].tokens == held - 1
+            assert gate.key_pass(metadata) is None
+            with pytest.raises(RequestError) as revoked:
+                await gate.verify(metadata)
+            assert revoked.value.code == grpc.StatusCode.UNAUTHENTICATED
         finally:
             await gate.close()
 
+    passed = None
     asyncio.run(scenario())
 
 
@@ -373,7 +394,7 @@ def test_raw_grpc_gets_unauthenticated_status(partners):
 
 
 def test_a_batch_is_metered_in_one_spool_write_before_its_answers(ledger_url, tmp_path):
-    """The batcher's metering hook: each admitted call once, with its own status, in one write."""
+    """The batcher's hook: each admitted call metered once, with its own status, in one write."""
     import asyncio
 
     from serving.engine import Pending, PolicyEngine
@@ -384,21 +405,29 @@ def test_a_batch_is_metered_in_one_spool_write_before_its_answers(ledger_url, tm
 
     async def scenario():
         gate = await p.make_gate()
-        caller = await gate.keys.caller(key)
+        passed = await gate.verify((("authorization", f"Bearer {key}"),))
+        await gate.admit(passed.caller)  # leases a slice
         now = time.monotonic()
-        obs = PolicyObservation(ARM.name, {"head": np.zeros((8, 8, 3), np.uint8)}, np.ones(3, np.float32))
         items = []
-        for i in range(6):
-            usage = gate.usage(caller, f"bot-{i}", ARM.name, f"req-{i}")
-            # req-4 is already past its deadline; req-5's caller went away and the ingress recorded it.
+        for i in range(7):
+            obs = PolicyObservation(
+                ARM.name, {"head": np.zeros((8, 8, 3), np.uint8)}, np.ones(3, np.float32), robot_id=f"bot-{i}"
+            )
+            # req-4 is already past its deadline. req-5's caller went away after its admission,
+            # and the ingress recorded it; req-6's went away before: never admitted, never metered.
             deadline = now - 1 if i == 4 else now + 10
-            items.append(Pending(obs, deadline=deadline, received=now, usage=usage, cancelled=i == 5))
-        gate.record(items[5].usage, "echo", "CANCELLED", None, items[5])
-        gate.record(items[5].usage, "echo", "CANCELLED", None, items[5])  # a second try writes nothing
+            items.append(
+                Pending(obs, deadline=deadline, received=now, key=passed, request_id=f"req-{i}", cancelled=i >= 5)
+            )
+        items[5].admitted = True
+        usage5 = gate.usage(passed, "bot-5", ARM.name, "req-5", now)
+        gate.record(usage5, "echo", "CANCELLED", None, items[5])
+        gate.record(usage5, "echo", "CANCELLED", None, items[5])  # a second try writes nothing
         writes = gate.spool.writes
         outcomes = await gate.metering(PolicyEngine(EchoPolicy(), offload=False).run_batch, "echo")(items)
         assert gate.spool.writes == writes + 1
-        assert all(item.metered for item in items)
+        assert [item.metered for item in items] == [True] * 6 + [False]
+        assert not items[6].admitted
         charged = gate.quota._slice("acme").accel_ms
         await gate.close()
         return outcomes, charged
@@ -408,6 +437,47 @@ def test_a_batch_is_metered_in_one_spool_write_before_its_answers(ledger_url, tm
     assert len(records) == 6
     assert {records[f"req-{i}"].status for i in range(4)} == {"OK"}
     assert records["req-4"].status == "DEADLINE_EXCEEDED" and records["req-5"].status == "CANCELLED"
+    assert records["req-2"].robot_id == "bot-2" and records["req-2"].embodiment == ARM.name
+    assert abs(records["req-2"].received_at - time.time()) < 60  # wall time, not the monotonic clock
     assert all(records[f"req-{i}"].batch_size == 4 for i in range(4))
     assert records["req-0"].accel_ms == pytest.approx(outcomes[0].compute_ms / 4)
     assert charged == pytest.approx(sum(r.accel_ms for r in records.values()))
+
+
+def test_a_batch_runs_the_calls_it_admitted_and_hands_the_rest_back_in_order(ledger_url, tmp_path):
+    """Calls the replica's slice has no token for do not run: they come back NOT_ADMITTED, in their
+    places, unmetered, for their ingress to admit the slow way (or refuse)."""
+    import asyncio
+
+    from serving.engine import NOT_ADMITTED, Pending, PolicyEngine
+    from serving.policy.base import PolicyObservation
+
+    key = add_tenant(ledger_url, "acme", Plan(rate_per_s=1000, burst=1000))
+    p = Partners(ledger_url, tmp_path / "spool")
+    ran: list[list[str]] = []
+
+    async def scenario():
+        gate = await p.make_gate()
+        passed = await gate.verify((("authorization", f"Bearer {key}"),))
+        await gate.admit(passed.caller)  # leases a slice
+        passed.slice.tokens = 2  # as if the rest had been spent
+        engine = PolicyEngine(EchoPolicy(), offload=False)
+
+        async def run_batch(items):
+            ran.append([item.request_id for item in items])
+            return await engine.run_batch(items)
+
+        obs = PolicyObservation(ARM.name, {"head": np.zeros((8, 8, 3), np.uint8)}, np.ones(3, np.float32))
+        now = time.monotonic()
+        items = [Pending(obs, deadline=now + 10, received=now, key=passed, request_id=f"req-{i}") for i in range(4)]
+        items[0].admitted = True  # admitted by its ingress already: takes no token
+        outcomes = await gate.metering(run_batch, "echo")(items)
+        await gate.close()
+        return items, outcomes
+
+    items, outcomes = asyncio.run(scenario())
+    assert ran == [["req-0", "req-1", "req-2"]]
+    assert [o is NOT_ADMITTED for o in outcomes] == [False, False, False, True]
+    assert all(o.actions is not None for o in outcomes[:3])
+    assert [(item.admitted, item.metered) for item in items] == [(True, True)] * 3 + [(False, False)]
+    assert sorted(r.request_id for r in usage(ledger_url, "acme")) == ["req-0", "req-1", "req-2"]

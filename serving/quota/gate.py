@@ -1,6 +1,10 @@
-"""The partner gate in front of the batcher: authenticate -> authorize -> admit -> meter.
+"""The partner gate around the batcher: keys and plans per call, quota and metering per batch.
 
-``AccessGate`` is what the ingress calls for every request when auth is on. It
+``AccessGate`` is what the ingress calls for every request when auth is on:
+the key is looked up (verified once per replica and snapshot) and the model
+checked against the plan. Its batch hook (``metering``) then admits the calls
+of each batch, a quota token each, before the batch runs, and meters them all
+in one spool write before any answer leaves. It
 puts together the three per-replica parts: ``KeyCache`` (keys and plans,
 refreshed from the ledger store every ``refresh_s``, so a revoked key stops
 working on every replica within that time), ``ReplicaQuota`` (leased slices of
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serving import metrics as m
+from serving.engine import NOT_ADMITTED
 from serving.errors import RequestError, permission_denied, quota_exceeded, unauthenticated, unavailable
 from serving.quota import keys
 from serving.quota.leases import QuotaDenied, QuotaUnavailable, ReplicaQuota
@@ -172,7 +177,7 @@ class AccessGate:
         self.spool = spool
         # Keys verified against the current snapshot, keyed like KeyCache's, each with
         # what admitting its calls reads; emptied with the KeyCache at every reload.
-        self._passes: dict[str | bytes, _Pass] = {}
+        self._passes: dict[str | bytes, KeyPass] = {}
         key_cache.on_reload = self._passes.clear
 
     async def start(self) -> None:
@@ -198,21 +203,14 @@ class AccessGate:
             *self.spool.metric_values(),
         ]
 
-    def cached_caller(self, metadata) -> Caller | None:
-        """A key this replica already verified (None: call ``authenticate``)."""
-        return self.keys.cached(keys.authorization(metadata))
+    def key_pass(self, metadata) -> KeyPass | None:
+        """The pass of a key this replica verified against the current snapshot (None: ``verify`` it).
 
-    async def authenticate(self, metadata) -> Caller:
-        return await self.keys.authenticate(keys.authorization(metadata))
-
-    def admit_known(self, metadata, model: str) -> Caller | None:
-        """The request loop's fast path: a key this replica verified before, a model
-        its plan allows, and a token from this replica's slice, taken now.
-
-        None: nothing was taken; ``authenticate``, ``authorize`` and ``admit`` then
-        admit the call the slow way or say why not. Written as one function over a
-        ``_Pass``: live in W1, each further call or object here costs about a
-        microsecond (docs/benchmarks.md, ``python -m serving.bench.gatecost``).
+        The request loop's only gate step per call: one scan of the metadata and
+        one dict lookup. Admission (a token) and metering happen per batch, in
+        ``metering``, where a loop over the batch's calls runs with warm caches;
+        live in W1, each call or object per request costs several times its
+        tight-loop time (docs/benchmarks.md, ``python -m serving.bench.gatecost``).
         """
         header = keys.authorization(metadata)
         p = self._passes.get(header)  # type: ignore[arg-type]
@@ -220,24 +218,48 @@ class AccessGate:
             caller = self.keys.cached(header)
             if caller is None:
                 return None
-            tenant = caller.tenant
-            p = self._passes[header] = _Pass(caller, tenant.plan.allowed_models(), self.quota.slice_of(tenant.name))
-        if (p.models is None or model in p.models) and self.quota.take(p.slice):
-            return p.caller
-        return None
+            p = self._passes[header] = self._pass_of(caller)
+        return p
 
-    def try_admit(self, caller: Caller, model: str) -> bool:
-        """The plan allows ``model`` and this replica's slice has a token, taken now (False: none taken)."""
-        return caller.tenant.plan.allows_model(model) and self.quota.try_take(caller.tenant.name)
+    async def verify(self, metadata) -> KeyPass:
+        """``key_pass`` the slow way: the key is checked against the ledger's keys (UNAUTHENTICATED if bad)."""
+        caller = await self.keys.authenticate(keys.authorization(metadata))
+        # A reload between the two lookups empties the cache: the pass is then made afresh.
+        return self.key_pass(metadata) or self._pass_of(caller)
+
+    def _pass_of(self, caller: Caller) -> KeyPass:
+        tenant = caller.tenant
+        return KeyPass(
+            caller, tenant.name, caller.key_id, tenant.plan.allowed_models(), self.quota.slice_of(tenant.name)
+        )
 
     @staticmethod
-    def authorize(caller: Caller, model: str) -> None:
-        if not caller.tenant.plan.allows_model(model):
+    def authorize(key: KeyPass, model: str) -> None:
+        if key.models is not None and model not in key.models:
             raise permission_denied("observation.model", f"model {model!r} is not in your plan")
 
     async def admit(self, caller: Caller) -> None:
+        """Take a token for one call the slow way: wait for an exchange, or RESOURCE_EXHAUSTED / UNAVAILABLE."""
         with _as_request_errors(caller):
             await self.quota.admit(caller.tenant.name)
+
+    def admit_batch(self, items: Sequence[Pending]) -> list[Pending]:
+        """Admit a batch's calls not admitted yet: a token each from their tenant's slice on this replica.
+
+        Returns the calls the slice had no token for (nearly always none): their
+        ingress admits them the slow way and submits them again. A call whose
+        caller has gone is not admitted, so it is neither charged nor metered.
+        """
+        dry: list[Pending] = []
+        take = self.quota.take
+        for item in items:
+            p = item.key
+            if p is not None and not item.admitted and not item.cancelled:
+                if take(p.slice):
+                    item.admitted = True
+                else:
+                    dry.append(item)
+        return dry
 
     async def open_stream(self, caller: Caller) -> None:
         with _as_request_errors(caller):
@@ -247,15 +269,14 @@ class AccessGate:
         await self.quota.close_stream(caller.tenant.name)
 
     @staticmethod
-    def usage(caller: Caller, robot_id: str, embodiment: str, request_id: str) -> tuple:
-        """The start of a just-admitted call's usage record (``Pending.usage``), in
-        serving.quota.spool.CALL_FIELDS order: (tenant, key id, robot id, embodiment,
-        request id, admitted_at). Its outcome adds status, batch size and queue ms.
-
-        A plain tuple, not an object: with cold caches, as on W1's request loop, an
-        object's ``__init__`` cost about 3 us more per call (docs/benchmarks.md).
+    def usage(key: KeyPass, robot_id: str, embodiment: str, request_id: str, received: float) -> tuple:
+        """The start of a call's usage record, in serving.quota.spool.CALL_FIELDS order:
+        (tenant, key id, robot id, embodiment, request id, received_at as wall time;
+        ``received`` is ``time.monotonic()``). Its outcome adds status, batch size and
+        queue ms. ``record_batch`` builds the same tuple inline.
         """
-        return (caller.tenant.name, caller.key_id, robot_id, embodiment, request_id, time.time())
+        wall = received + time.time() - time.monotonic()
+        return (key.tenant, key.key_id, robot_id, embodiment, request_id, wall)
 
     def record(
         self, usage: tuple, model: str, status: str, outcome: Outcome | None, pending: Pending | None = None
@@ -282,7 +303,7 @@ class AccessGate:
             self._charge({usage[0]: accel_share(compute_ms, batch_size)}, model)
 
     def record_batch(self, items: Sequence[Pending], outcomes: Sequence[Outcome], model: str) -> None:
-        """Meter a whole batch of ``model`` at once, before any of its answers leaves.
+        """Meter the admitted calls of a batch of ``model`` at once, before any of its answers leaves.
 
         One spool record for the batch, its shared fields written once, and no
         function call per call: the replica's request loop is the W1 bottleneck,
@@ -293,18 +314,33 @@ class AccessGate:
         metered: list[Pending] = []
         charged: list[str] = []  # the tenant of each call that reached the policy
         compute_ms, size = 0.0, 0
+        finished_at = time.time()
+        to_wall = finished_at - time.monotonic()
         for item, outcome in zip(items, outcomes, strict=True):
-            usage = item.usage
-            if usage is not None and not item.metered:
+            p = item.key
+            if p is not None and item.admitted and not item.metered:
                 error = outcome.error
-                calls.append(usage + ("OK" if error is None else error.code.name, outcome.batch_size, outcome.queue_ms))
+                obs = item.observation
+                calls.append(
+                    (
+                        p.tenant,
+                        p.key_id,
+                        obs.robot_id,
+                        obs.embodiment,
+                        item.request_id,
+                        item.received + to_wall,
+                        "OK" if error is None else error.code.name,
+                        outcome.batch_size,
+                        outcome.queue_ms,
+                    )
+                )
                 metered.append(item)
                 if outcome.batch_size:  # reached the policy: all such calls share one compute
                     compute_ms, size = outcome.compute_ms, outcome.batch_size
-                    charged.append(usage[0])
+                    charged.append(p.tenant)
         if not calls:
             return
-        self.spool.append_batch(model, compute_ms, time.time(), calls)  # durable from here
+        self.spool.append_batch(model, compute_ms, finished_at, calls)  # durable from here
         for item in metered:
             item.metered = True
         if charged:
@@ -315,14 +351,28 @@ class AccessGate:
             self._charge(charges, model)
 
     def metering(self, run_batch: RunBatch, model: str) -> RunBatch:
-        """``run_batch`` of ``model`` that also meters every admitted call in the batch (see ``record_batch``)."""
+        """``run_batch`` of ``model`` that first admits each call of the batch (``admit_batch``)
+        and then meters every admitted one (``record_batch``)."""
 
-        async def run_and_meter(items: list[Pending]) -> list[Outcome]:
+        async def admit_run_and_meter(items: list[Pending]) -> list[Outcome]:
+            dry = self.admit_batch(items)
+            if dry:
+                return await self._run_admitted(run_batch, items, dry, model)
             outcomes = await run_batch(items)
             self.record_batch(items, outcomes, model)
             return outcomes
 
-        return run_and_meter
+        return admit_run_and_meter
+
+    async def _run_admitted(self, run_batch: RunBatch, items: list[Pending], dry: list[Pending], model: str):
+        """A batch with calls ``admit_batch`` found no token for: the others run, and those
+        go back to their ingress as ``NOT_ADMITTED``."""
+        refused = {id(item) for item in dry}
+        admitted = [item for item in items if id(item) not in refused]
+        outcomes = await run_batch(admitted) if admitted else []
+        self.record_batch(admitted, outcomes, model)
+        ran = iter(outcomes)
+        return [NOT_ADMITTED if id(item) in refused else next(ran) for item in items]
 
     def _charge(self, accel_ms_by_tenant: dict[str, float], model: str) -> None:
         for tenant, accel_ms in accel_ms_by_tenant.items():
@@ -331,10 +381,12 @@ class AccessGate:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class _Pass:
-    """A verified key with what admitting its calls reads, reached in one lookup."""
+class KeyPass:
+    """A key verified on this replica, with what admitting and metering its calls reads, in one lookup."""
 
     caller: Caller
+    tenant: str
+    key_id: str
     models: frozenset[str] | None  # None: any model
     slice: _Slice  # the tenant's quota slice on this replica
 
