@@ -364,7 +364,9 @@ class AccessGate:
 
         return admit_run_and_meter
 
-    async def _run_admitted(self, run_batch: RunBatch, items: list[Pending], dry: list[Pending], model: str):
+    async def _run_admitted(
+        self, run_batch: RunBatch, items: list[Pending], dry: list[Pending], model: str
+    ) -> list[Outcome]:
         """A batch with calls ``admit_batch`` found no token for: the others run, and those
         go back to their ingress as ``NOT_ADMITTED``."""
         refused = {id(item) for item in dry}

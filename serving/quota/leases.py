@@ -327,10 +327,11 @@ class _Slice:
 class ReplicaQuota:
     """A replica's slices of every tenant's tokens, refilled by exchanges with the coordinator.
 
-    ``admit`` is the hot path: a decrement when the slice has tokens. When it runs
-    low a background exchange fetches ``horizon_s`` worth of the tenant's recent
-    demand; a caller finding the slice empty waits for one exchange (shared with
-    every other caller waiting at that moment). A periodic exchange reports usage,
+    ``take`` is the hot path (the gate calls it for each call of a batch): a
+    decrement when the slice has tokens. When it runs low a background exchange
+    fetches ``horizon_s`` worth of the tenant's recent demand; ``admit``, for a
+    call that found the slice empty, waits for one exchange (shared with every
+    other caller waiting at that moment). A periodic exchange reports usage,
     renews held tokens' leases and returns what expired.
     """
 
@@ -371,16 +372,8 @@ class ReplicaQuota:
         """The tenant's slice (the same object for the replica's life), for ``take``."""
         return self._slice(tenant)
 
-    def try_take(self, tenant: str) -> bool:
-        """The synchronous fast path: a token from the slice, if it has an unexpired one.
-
-        False takes nothing; ``admit`` then sorts out why.
-        """
-        s = self._slices.get(tenant)
-        return s is not None and self.take(s)
-
     def take(self, s: _Slice, *, counted: bool = False) -> bool:
-        """``try_take`` on a slice already at hand (``slice_of``): one call on the request loop.
+        """A token from a slice at hand (``slice_of``), if it has an unexpired one; False takes nothing.
 
         A token taken counts the attempt (the demand the next exchange reports),
         unless the caller ``counted`` it already.

@@ -45,11 +45,8 @@ class Plan:
             raise ValueError("a plan needs at least one model (or '*')")
         object.__setattr__(self, "models", tuple(self.models))
 
-    def allows_model(self, model: str) -> bool:
-        return ANY_MODEL in self.models or model in self.models
-
     def allowed_models(self) -> frozenset[str] | None:
-        """What ``allows_model`` allows, as a set to test against (None: any model)."""
+        """The models this plan allows, as a set to test against (None: any model)."""
         return None if ANY_MODEL in self.models else frozenset(self.models)
 
     def to_dict(self) -> dict[str, Any]:
