@@ -116,7 +116,8 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         try:
             if self._gate is not None:
                 # A key seen before costs one lookup here; its quota token is taken with
-                # the rest of its batch (AccessGate.metering).
+                # the rest of its batch (AccessGate.metering). Inline, not _verify: one
+                # coroutine fewer per call.
                 metadata = call_metadata(context)
                 key = self._gate.key_pass(metadata) or await self._gate.verify(metadata)
             outcome = await self._act(request, received, remaining, key)
@@ -273,14 +274,12 @@ class PolicyServicer(pb_grpc.PolicyServiceServicer):
         m.METRICS.observe(m.PREPROCESS_DURATION, self._model_label, time.monotonic() - started)
         if remaining is None or remaining > 1e9:
             remaining = self._limits.default_timeout_s
-        if key is None:
-            return Pending(observation=decoded, deadline=received + remaining, received=received)
         return Pending(
             observation=decoded,
             deadline=received + remaining,
             received=received,
             key=key,
-            request_id=request.request_id,
+            request_id=request.request_id if key is not None else "",  # read only for the usage record
         )
 
     async def _wait(self, pending: Pending) -> Outcome:
