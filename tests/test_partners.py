@@ -18,12 +18,13 @@ from serving.client import RobotClient
 from serving.client._common import NO_RETRY
 from serving.client.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from serving.errors import RequestError
+from serving.quota.coordinator import PlanSource
 from serving.quota.gate import BAD_KEY, AccessGate, KeyCache
 from serving.quota.keys import new_key
 from serving.quota.leases import LocalCoordinator, QuotaBook, ReplicaQuota
 from serving.quota.model import Plan, Tenant
 from serving.quota.spool import UsageSpool
-from serving.quota.store import open_store
+from serving.quota.store import StoreError, open_store
 from tests.policies import ARM, EchoPolicy
 from tests.servers import IngressThread
 
@@ -484,3 +485,56 @@ def test_a_batch_runs_the_calls_it_admitted_and_hands_the_rest_back_in_order(led
     assert all(o.actions is not None for o in outcomes[:3])
     assert [(item.admitted, item.metered) for item in items] == [(True, True)] * 3 + [(False, False)]
     assert sorted(r.request_id for r in usage(ledger_url, "acme")) == ["req-0", "req-1", "req-2"]
+
+
+class _FlakyStore:
+    """A real store whose reads can be made to fail, as when the ledger restarts."""
+
+    def __init__(self, store):
+        self.store = store
+        self.failing = False
+        self.closed = False
+
+    def list_tenants(self):
+        if self.failing:
+            raise StoreError("the ledger went away")
+        return self.store.list_tenants()
+
+    def usage_totals(self, since, until):
+        return self.store.usage_totals(since, until)
+
+    def close(self):
+        self.closed = True
+        self.store.close()
+
+
+def test_coordinator_plans_are_reread_over_one_store_and_reopened_after_a_failure(ledger_url):
+    opened: list[_FlakyStore] = []
+
+    def factory(url):
+        opened.append(_FlakyStore(open_store(url)))
+        return opened[-1]
+
+    source = PlanSource(ledger_url, store_factory=factory)
+    try:
+        add_tenant(ledger_url, "acme", Plan(rate_per_s=5, burst=2))
+        plans, totals = source.read(with_usage=True)
+        assert plans["acme"].rate_per_s == 5
+        assert totals is not None and "acme" not in totals  # nothing metered yet
+        with open_store(ledger_url) as store:
+            store.update_tenant("acme", Plan(rate_per_s=50, burst=2))
+        plans, totals = source.read(with_usage=False)
+        assert plans["acme"].rate_per_s == 50  # the open store sees the change
+        assert totals is None
+        assert len(opened) == 1  # no new connection (and schema check) per reread
+
+        opened[0].failing = True
+        with pytest.raises(StoreError):
+            source.read(with_usage=False)
+        assert opened[0].closed
+        plans, _ = source.read(with_usage=False)  # a fresh store
+        assert plans["acme"].rate_per_s == 50
+        assert len(opened) == 2
+    finally:
+        source.close()
+    assert opened[1].closed
