@@ -18,13 +18,13 @@ from serving.client import RobotClient
 from serving.client._common import NO_RETRY
 from serving.client.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from serving.errors import RequestError
-from serving.quota.coordinator import PlanSource
+from serving.quota.coordinator import read_plans
 from serving.quota.gate import BAD_KEY, AccessGate, KeyCache
 from serving.quota.keys import new_key
 from serving.quota.leases import LocalCoordinator, QuotaBook, ReplicaQuota
 from serving.quota.model import Plan, Tenant
 from serving.quota.spool import UsageSpool
-from serving.quota.store import StoreError, open_store
+from serving.quota.store import HeldStore, StoreError, open_store
 from tests.policies import ARM, EchoPolicy
 from tests.servers import IngressThread
 
@@ -147,7 +147,7 @@ def test_stopping_the_key_cache_during_a_reload_closes_its_store_after_the_reloa
     hold, reading, release = threading.Event(), threading.Event(), threading.Event()
     stores = []
 
-    class HeldStore:
+    class PausableStore:
         """The real store; with ``hold`` set, the next reload waits inside it for ``release``."""
 
         def __init__(self, url):
@@ -170,7 +170,7 @@ def test_stopping_the_key_cache_during_a_reload_closes_its_store_after_the_reloa
             self.closed = True
             self.inner.close()
 
-    cache = KeyCache(ledger_url, refresh_s=60, store_factory=HeldStore)
+    cache = KeyCache(ledger_url, refresh_s=60, store_factory=PausableStore)
 
     async def scenario():
         await cache.start()
@@ -508,33 +508,33 @@ class _FlakyStore:
         self.store.close()
 
 
-def test_coordinator_plans_are_reread_over_one_store_and_reopened_after_a_failure(ledger_url):
+def test_polled_ledger_reads_share_one_store_and_reopen_it_after_a_failure(ledger_url):
     opened: list[_FlakyStore] = []
 
     def factory(url):
         opened.append(_FlakyStore(open_store(url)))
         return opened[-1]
 
-    source = PlanSource(ledger_url, store_factory=factory)
+    ledger = HeldStore(ledger_url, store_factory=factory)
     try:
         add_tenant(ledger_url, "acme", Plan(rate_per_s=5, burst=2))
-        plans, totals = source.read(with_usage=True)
+        plans, totals = ledger.read(lambda store: read_plans(store, with_usage=True))
         assert plans["acme"].rate_per_s == 5
         assert totals is not None and "acme" not in totals  # nothing metered yet
         with open_store(ledger_url) as store:
             store.update_tenant("acme", Plan(rate_per_s=50, burst=2))
-        plans, totals = source.read(with_usage=False)
-        assert plans["acme"].rate_per_s == 50  # the open store sees the change
+        plans, totals = ledger.read(lambda store: read_plans(store, with_usage=False))
+        assert plans["acme"].rate_per_s == 50  # the held store sees the change
         assert totals is None
         assert len(opened) == 1  # no new connection (and schema check) per reread
 
         opened[0].failing = True
         with pytest.raises(StoreError):
-            source.read(with_usage=False)
+            ledger.read(lambda store: read_plans(store, with_usage=False))
         assert opened[0].closed
-        plans, _ = source.read(with_usage=False)  # a fresh store
+        plans, _ = ledger.read(lambda store: read_plans(store, with_usage=False))  # a fresh store
         assert plans["acme"].rate_per_s == 50
         assert len(opened) == 2
     finally:
-        source.close()
+        ledger.close()
     assert opened[1].closed

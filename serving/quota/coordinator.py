@@ -21,18 +21,16 @@ with a new epoch, which the lease protocol already handles (serving.quota.leases
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import Callable
 
 import ray
 
 from serving.quota.leases import Grant, QuotaBook, TenantReport, month_bounds
 from serving.quota.model import Plan, TenantTotals
-from serving.quota.store import LedgerStore, open_store
+from serving.quota.store import HeldStore, LedgerStore
 
 log = logging.getLogger("ray.serve")
 
@@ -49,44 +47,10 @@ def actor_name(app_name: str, ledger_url: str, lease_ttl_s: float) -> str:
     return f"quota-coordinator::{app_name}::{digest}"
 
 
-class PlanSource:
-    """Tenants' plans (and this month's usage) read from the ledger over one store kept open.
-
-    The coordinator rereads plans every couple of seconds. Opening a store each
-    time meant a new connection and a schema check every time (on PostgreSQL a
-    new backend process and an advisory lock). Reads run on worker threads and
-    may overlap (the periodic refresh and a reload for a new tenant), so one
-    read at a time uses the store.
-    """
-
-    def __init__(self, ledger_url: str, store_factory: Callable[[str], LedgerStore] = open_store):
-        self.ledger_url = ledger_url
-        self._store_factory = store_factory
-        self._store: LedgerStore | None = None
-        self._lock = threading.Lock()
-
-    def read(self, with_usage: bool) -> tuple[dict[str, Plan], dict[str, TenantTotals] | None]:
-        """The plans by tenant, and (``with_usage``) this month's usage totals, else None."""
-        with self._lock:
-            if self._store is None:
-                self._store = self._store_factory(self.ledger_url)
-            try:
-                plans = {t.name: t.plan for t in self._store.list_tenants()}
-                totals = self._store.usage_totals(*month_bounds(time.time())) if with_usage else None
-            except BaseException:
-                self._close()  # reopened at the next read: the ledger may have restarted
-                raise
-        return plans, totals
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()
-
-    def _close(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            with contextlib.suppress(Exception):
-                store.close()
+def read_plans(store: LedgerStore, with_usage: bool) -> tuple[dict[str, Plan], dict[str, TenantTotals] | None]:
+    """The plans by tenant, and (``with_usage``) this month's usage totals, else None."""
+    plans = {t.name: t.plan for t in store.list_tenants()}
+    return plans, store.usage_totals(*month_bounds(time.time())) if with_usage else None
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)
@@ -98,14 +62,14 @@ class QuotaBookActor:
         self.refresh_s = refresh_s
         self.idle_exit_s = idle_exit_s
         self.book = QuotaBook(lease_ttl_s=lease_ttl_s)
-        self._plans = PlanSource(ledger_url)
+        self._ledger = HeldStore(ledger_url)  # reread every refresh_s: one connection, not one each time
         await self._load(with_usage=True)
         self._last_load = self._last_call = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _load(self, with_usage: bool = False) -> None:
         # The store is read on a worker thread; the book changes only here, on the loop.
-        plans, totals = await asyncio.to_thread(self._plans.read, with_usage)
+        plans, totals = await asyncio.to_thread(self._ledger.read, functools.partial(read_plans, with_usage=with_usage))
         self.book.set_plans(plans)
         if totals is not None:
             self.book.set_month_usage(totals)
@@ -116,7 +80,7 @@ class QuotaBookActor:
             if time.monotonic() - self._last_call > self.idle_exit_s:
                 log.info("quota coordinator: no replica called for %.0f s; exiting", self.idle_exit_s)
                 # exit_actor() only works inside an actor method; from this task, kill ourselves.
-                await asyncio.to_thread(self._plans.close)
+                await asyncio.to_thread(self._ledger.close)
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
             try:
                 await self._load()

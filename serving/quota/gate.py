@@ -29,7 +29,7 @@ from serving.quota import keys
 from serving.quota.leases import QuotaDenied, QuotaUnavailable, ReplicaQuota
 from serving.quota.model import ApiKey, Tenant
 from serving.quota.spool import UsageSpool, accel_share
-from serving.quota.store import LedgerStore, open_store
+from serving.quota.store import HeldStore, LedgerStore, open_store
 
 if TYPE_CHECKING:
     from serving.engine import Outcome, Pending
@@ -66,7 +66,7 @@ class KeyCache:
     ):
         self.ledger_url = ledger_url
         self.refresh_s = refresh_s
-        self._store_factory = store_factory
+        self._ledger = HeldStore(ledger_url, store_factory)
         self._keys: dict[str, ApiKey] = {}
         self._tenants: dict[str, Tenant] = {}
         # Authorization values (``Bearer <key>``, as sent) already checked against this
@@ -76,26 +76,11 @@ class KeyCache:
         # Called after every reload: whoever caches more per verified value empties it too.
         self.on_reload: Callable[[], None] | None = None
         self._loaded_at = 0.0
-        self._store: LedgerStore | None = None
         self._refreshing: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _load(self) -> tuple[dict[str, ApiKey], dict[str, Tenant]]:
-        # One connection kept open (reloads are coalesced, so one thread at a time
-        # uses it): opening a ledger every second cost 20x the two queries.
-        if self._store is None:
-            self._store = self._store_factory(self.ledger_url)
-        try:
-            return {k.key_id: k for k in self._store.list_keys()}, {t.name: t for t in self._store.list_tenants()}
-        except BaseException:
-            self._close_store()  # reopened at the next reload (the ledger may have restarted)
-            raise
-
-    def _close_store(self) -> None:
-        store, self._store = self._store, None
-        if store is not None:
-            with contextlib.suppress(Exception):
-                store.close()
+        return self._ledger.read(_keys_and_tenants)
 
     async def refresh(self) -> None:
         """Reload now (coalesced: concurrent callers share one reload)."""
@@ -131,9 +116,9 @@ class KeyCache:
         if self._task is not None:
             self._task.cancel()
         if self._refreshing is None:
-            self._close_store()
+            self._ledger.close()
         else:  # a reload in flight still reads the store: close it once that reload ends
-            self._refreshing.add_done_callback(lambda _: self._close_store())
+            self._refreshing.add_done_callback(lambda _: self._ledger.close())
 
     def cached(self, header: str | bytes | None) -> Caller | None:
         """The caller for an authorization value already verified against the current snapshot."""
@@ -166,6 +151,10 @@ class KeyCache:
         if tenant is None:
             raise unauthenticated(BAD_KEY)
         return Caller(tenant=tenant, key_id=key_id)
+
+
+def _keys_and_tenants(store: LedgerStore) -> tuple[dict[str, ApiKey], dict[str, Tenant]]:
+    return {k.key_id: k for k in store.list_keys()}, {t.name: t for t in store.list_tenants()}
 
 
 class AccessGate:

@@ -3,7 +3,8 @@
 ``open_store(url)`` gives a ``LedgerStore``; every layer (ingress auth, quota
 leases, the usage flusher, the admin CLI) talks to the ledger through that
 interface only. A store object holds one database connection and is used by one
-thread at a time; opening one is cheap, so code opens one per thread/process.
+thread at a time. Opening one also checks the schema, so code that polls the
+ledger holds one open (``HeldStore``); the rest opens one per thread/process.
 
 Both backends share the SQL below (``SqlLedgerStore``); the subclasses in
 ``sqlite_store`` and ``postgres_store`` supply the connection, transactions,
@@ -12,14 +13,16 @@ column types and the bulk insert.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 from serving.quota.model import ApiKey, Plan, ReportRow, Tenant, TenantTotals, UsageRecord
@@ -108,6 +111,47 @@ def open_store(url: str) -> LedgerStore:
         store.close()
         raise
     return store
+
+
+T = TypeVar("T")
+
+
+class HeldStore:
+    """A store kept open for a reader that polls the ledger, and reopened after a failed read.
+
+    The key cache rereads keys every second and the quota coordinator plans
+    every two. Opening a store each time costs a connection and a schema check
+    (on PostgreSQL a new backend process and an advisory lock), about 20 times
+    the queries themselves. Reads may come from several worker threads, so one
+    read at a time uses the store.
+    """
+
+    def __init__(self, url: str, store_factory: Callable[[str], LedgerStore] = open_store):
+        self.url = url
+        self._store_factory = store_factory
+        self._store: LedgerStore | None = None
+        self._lock = threading.Lock()
+
+    def read(self, query: Callable[[LedgerStore], T]) -> T:
+        """``query(store)`` on the held store (opened now if need be); a failure closes it."""
+        with self._lock:
+            if self._store is None:
+                self._store = self._store_factory(self.url)
+            try:
+                return query(self._store)
+            except BaseException:
+                self._close()  # reopened at the next read: the ledger may have restarted
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
 
 
 def iso(ts: float) -> str:
