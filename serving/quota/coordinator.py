@@ -58,13 +58,12 @@ class QuotaBookActor:
     async def __init__(
         self, ledger_url: str, lease_ttl_s: float = 1.0, refresh_s: float = 2.0, idle_exit_s: float = IDLE_EXIT_S
     ) -> None:
-        self.ledger_url = ledger_url
         self.refresh_s = refresh_s
         self.idle_exit_s = idle_exit_s
         self.book = QuotaBook(lease_ttl_s=lease_ttl_s)
         self._ledger = HeldStore(ledger_url)  # reread every refresh_s: one connection, not one each time
         await self._load(with_usage=True)
-        self._last_load = self._last_call = time.monotonic()
+        self._last_call = time.monotonic()
         self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _load(self, with_usage: bool = False) -> None:
@@ -73,6 +72,7 @@ class QuotaBookActor:
         self.book.set_plans(plans)
         if totals is not None:
             self.book.set_month_usage(totals)
+        self._last_load = time.monotonic()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -84,7 +84,6 @@ class QuotaBookActor:
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
             try:
                 await self._load()
-                self._last_load = time.monotonic()
             except Exception:
                 log.warning("quota coordinator: plan refresh failed", exc_info=True)
 
@@ -92,7 +91,6 @@ class QuotaBookActor:
         """A tenant created since the last refresh: reload now (at most every 0.25 s)."""
         if any(not self.book.knows(t) for t in tenants) and time.monotonic() - self._last_load > 0.25:
             await self._load()
-            self._last_load = time.monotonic()
 
     async def exchange(self, replica: str, reports: dict[str, TenantReport]) -> dict[str, Grant]:
         self._last_call = time.monotonic()
