@@ -37,7 +37,7 @@ from pathlib import Path
 
 from serving import metrics as m
 from serving.quota.model import UsageRecord
-from serving.quota.store import LedgerStore, open_store
+from serving.quota.store import HeldStore, LedgerStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -299,27 +299,22 @@ class UsageSpool:
 
     def _run(self) -> None:
         _name_native_thread()
-        store: LedgerStore | None = None
+        ledger = HeldStore(self.ledger_url, self._store_factory)  # closed and reopened after a failure
         last_recovery = 0.0
-        while not self._stop.wait(self.flush_interval_s):
-            self.prefault()
-            try:
-                if store is None:
-                    store = self._store_factory(self.ledger_url)
-                self._flush(store)
-                if time.monotonic() - last_recovery > 10 * self.flush_interval_s:
-                    self.recover_orphans(store)
-                    last_recovery = time.monotonic()
-            except Exception:
-                # The store is down or busy: records stay in the spool; try again next tick.
-                self.flush_failures += 1
-                log.warning("usage flush failed; will retry", exc_info=True)
-                if store is not None:
-                    with contextlib.suppress(Exception):
-                        store.close()
-                    store = None
-        if store is not None:
-            store.close()
+        try:
+            while not self._stop.wait(self.flush_interval_s):
+                self.prefault()
+                try:
+                    ledger.read(self._flush)
+                    if time.monotonic() - last_recovery > 10 * self.flush_interval_s:
+                        ledger.read(self.recover_orphans)
+                        last_recovery = time.monotonic()
+                except Exception:
+                    # The store is down or busy: records stay in the spool; try again next tick.
+                    self.flush_failures += 1
+                    log.warning("usage flush failed; will retry", exc_info=True)
+        finally:
+            ledger.close()
 
     def _flush(self, store: LedgerStore) -> None:
         with self._lock:
