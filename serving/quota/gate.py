@@ -64,7 +64,6 @@ class KeyCache:
         refresh_s: float = 1.0,
         store_factory: Callable[[str], LedgerStore] = open_store,
     ):
-        self.ledger_url = ledger_url
         self.refresh_s = refresh_s
         self._ledger = HeldStore(ledger_url, store_factory)
         self._keys: dict[str, ApiKey] = {}
