@@ -271,6 +271,31 @@ def test_fetch_error_while_actions_remain_is_absorbed():
     assert np.all(np.diff(served) > 0)
 
 
+def test_a_retry_in_flight_supersedes_the_failed_fetch_before_it():
+    """The plan runs out while the retry of a failed prefetch is still in flight: the robot
+    waits for that retry's chunk, not for the stale error (a busy machine delays the retry)."""
+    calls, slow_retry = [], threading.Event()
+
+    def fetch():
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise Unavailable("server restarting")
+        if len(calls) == 3:
+            slow_retry.wait(5)
+        return ramp(10 * len(calls), 3)
+
+    with ChunkBroker(fetch, control_rate_hz=100, margin_s=1.0, align=False) as broker:
+        assert broker.next_action(timeout=5)[0] == 10  # the prefetch (call 2) starts now, and fails
+        deadline = time.monotonic() + 5
+        while broker.stats.fetch_errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert broker.next_action(timeout=5)[0] == 11  # the retry (call 3) starts, and is held up
+        assert broker.next_action(timeout=5)[0] == 12  # the plan's last action
+        threading.Timer(0.1, slow_retry.set).start()
+        assert broker.next_action(timeout=5)[0] == 30  # waits for the retry's chunk
+        assert broker.stats.fetch_errors == 1
+
+
 def test_fetch_error_surfaces_when_plan_runs_out():
     def fetch():
         raise Unavailable("down")

@@ -225,8 +225,14 @@ class _BrokerCore:
     # -- transitions --------------------------------------------------------------
 
     def begin_fetch(self) -> tuple[int, int]:
-        """Mark a fetch as started now; returns (t0, generation) for ``complete``."""
+        """Mark a fetch as started now; returns (t0, generation) for ``complete``.
+
+        A new fetch supersedes the failure of the one before it: if the plan runs
+        out while it is in flight, the robot waits for it rather than getting an
+        error that a retry may already have mended.
+        """
         self.in_flight = True
+        self.error = None
         self.stats.fetches += 1
         if self.available() > 0:
             self.stats.prefetches += 1
